@@ -1,0 +1,64 @@
+"""Shared fixtures: the scripts loaded by path, synthetic FER2013 CSVs, and where ../shared is."""
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = ROOT.parent / "shared" / "data"
+sys.path.insert(0, str(ROOT))
+
+
+def load_script(name):
+    """Import one of the repo's scripts by path (`import test` would find Python's own package)."""
+    spec = importlib.util.spec_from_file_location(f"fer_{name}", ROOT / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def synthetic_faces(n, seed=0):
+    """n 48x48 uint8 'faces' whose class is readable from the picture (a bright band per class), and labels."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % 7
+    faces = rng.integers(0, 60, size=(n, 48, 48), dtype=np.uint8)
+    for i, y in enumerate(labels):
+        faces[i, 6 * y:6 * y + 6, :] = 220
+    return faces, labels
+
+
+def write_csv(path, faces, labels, layout="ours", usage=None, newline="\n"):
+    """A FER2013 CSV in our layout (input,target) or the original one (emotion,pixels[,Usage])."""
+    rows = []
+    if layout == "ours":
+        rows.append("input,target")
+        rows += [f"{' '.join(map(str, f.ravel()))},{y}" for f, y in zip(faces, labels)]
+    else:
+        rows.append("emotion,pixels" + (",Usage" if usage is not None else ""))
+        for i, (f, y) in enumerate(zip(faces, labels)):
+            rows.append(f"{y},{' '.join(map(str, f.ravel()))}" + (f",{usage[i]}" if usage is not None else ""))
+    Path(path).write_text(newline.join(rows) + newline, newline="")
+    return Path(path)
+
+
+@pytest.fixture(scope="session")
+def preparation():
+    return load_script("preparation")
+
+
+@pytest.fixture(scope="session")
+def train():
+    return load_script("train")
+
+
+@pytest.fixture(scope="session")
+def testpy():
+    return load_script("test")
+
+
+@pytest.fixture
+def small_csv(tmp_path):
+    faces, labels = synthetic_faces(70)
+    return write_csv(tmp_path / "small.csv", faces, labels), faces, labels

@@ -1,0 +1,102 @@
+"""The shared module: class names, the model, preprocessing and checkpoints."""
+import numpy as np
+import pytest
+import torch
+
+import common
+from common import EMOTIONS, UserError
+
+
+def test_emotion_ids_and_model_order():
+    assert EMOTIONS[0] == "anger" and EMOTIONS[3] == "happy" and EMOTIONS[6] == "neutral" and len(EMOTIONS) == 7
+    # ImageFolder sorts folder names, so model order differs from the CSV's id order
+    assert sorted(EMOTIONS) == ["anger", "disgust", "fear", "happy", "neutral", "sad", "surprise"]
+
+
+@pytest.mark.parametrize("n", [1, 5])
+def test_model_output_shape(n):
+    model = common.build_model("EmotionNet", {"widths": [8, 16, 16, 32], "blocks": [1, 1, 1, 1]}, 7)
+    assert model(torch.zeros(n, 1, 48, 48)).shape == (n, 7)
+
+
+def test_unknown_architecture():
+    with pytest.raises(UserError, match="unknown architecture"):
+        common.build_model("Nope", {}, 7)
+
+
+def test_to_input_normalises():
+    x = common.to_input(np.full((2, 48, 48), 255, dtype=np.uint8), mean=0.5, std=0.25)
+    assert x.shape == (2, 1, 48, 48) and torch.allclose(x, torch.full_like(x, 2.0))
+
+
+def test_predict_proba_rows_sum_to_one():
+    model = common.build_model("EmotionNet", {"widths": [8, 8, 8, 8]}, 7)
+    p = common.predict_proba(model, np.zeros((3, 48, 48), np.uint8), torch.device("cpu"))
+    assert p.shape == (3, 7) and torch.allclose(p.sum(1), torch.ones(3), atol=1e-3)
+
+
+def tiny_checkpoint(**extra):
+    model = common.build_model("EmotionNet", {"widths": [8, 8, 8, 8]}, 7)
+    return model, {"format_version": common.CHECKPOINT_FORMAT, "arch": "EmotionNet", "arch_args": {"widths": [8, 8, 8, 8]},
+                   "class_names": sorted(EMOTIONS), "input_size": 48, "mean": 0.5, "std": 0.25,
+                   "state_dict": model.state_dict(), "epoch": 1, "metrics": {"accuracy": 0.5}, **extra}
+
+
+def test_checkpoint_round_trip(tmp_path):
+    model, ckpt = tiny_checkpoint()
+    path = tmp_path / "m.pt"
+    common.atomic_save(ckpt, path)
+    torch.load(path, weights_only=True)  # plain types only
+    loaded = common.load_checkpoint(path)
+    again = common.model_from_checkpoint(loaded, torch.device("cpu"))
+    x = torch.randn(2, 1, 48, 48)
+    model.eval()
+    assert torch.allclose(model(x), again(x), atol=1e-5)
+    assert loaded["class_names"] == sorted(EMOTIONS) and loaded["metrics"] == {"accuracy": 0.5}
+
+
+def test_atomic_save_keeps_backup(tmp_path):
+    path = tmp_path / "m.pt"
+    common.atomic_save({"a": 1}, path)
+    common.atomic_save({"a": 2}, path, backup=True)
+    assert torch.load(path)["a"] == 2 and torch.load(path.with_suffix(".bak.pt"))["a"] == 1
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+
+
+def test_interrupted_save_leaves_old_file(tmp_path, monkeypatch):
+    path = tmp_path / "m.pt"
+    common.atomic_save({"a": 1}, path)
+
+    def broken(obj, f):
+        open(f, "wb").write(b"half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(common.torch, "save", broken)
+    with pytest.raises(KeyboardInterrupt):
+        common.atomic_save({"a": 2}, path)
+    assert torch.load(path)["a"] == 1 and len(list(tmp_path.iterdir())) == 1
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing", "not found"), ("corrupt", "damaged"), ("foreign", "not a checkpoint of this project"),
+    ("newer", "newer than this code"), ("arch", "does not match architecture"),
+])
+def test_bad_model_files(tmp_path, case, message):
+    path = tmp_path / "m.pt"
+    _, ckpt = tiny_checkpoint()
+    if case == "corrupt":
+        path.write_bytes(b"\x00not a zip" * 10)
+    elif case == "foreign":
+        torch.save({"weights": torch.zeros(3)}, path)
+    elif case == "newer":
+        torch.save({**ckpt, "format_version": common.CHECKPOINT_FORMAT + 1}, path)
+    elif case == "arch":
+        torch.save({**ckpt, "arch_args": {"widths": [16, 16, 16, 16]}}, path)
+    with pytest.raises(UserError, match=message):
+        common.model_from_checkpoint(common.load_checkpoint(path), torch.device("cpu"), path)
+
+
+def test_detect_faces_on_blank_and_tiny_images():
+    cascade = common.load_face_detector()
+    assert common.detect_faces(cascade, np.zeros((200, 300), np.uint8)) == []
+    assert common.detect_faces(cascade, np.zeros((1, 1), np.uint8)) == []

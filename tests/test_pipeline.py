@@ -1,0 +1,44 @@
+"""The user's day end to end on a synthetic CSV, and the shipped model on FER2013's validation split."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, SHARED, synthetic_faces, write_csv
+
+MODEL = ROOT / "models" / "Facial_Emotion_Recognizer.pt"
+
+
+def run(script, *args, cwd):
+    r = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], capture_output=True, text=True, cwd=cwd)
+    assert r.returncode == 0, f"{script} failed:\n{r.stdout}\n{r.stderr}"
+    return r.stdout
+
+
+def test_prepare_train_test(tmp_path):
+    faces, labels = synthetic_faces(140)
+    csv = write_csv(tmp_path / "train.csv", faces, labels)
+    ds = tmp_path / "face_datasets"
+    out = run("preparation.py", "--csv", csv, "--out", ds, "--no-progress", cwd=tmp_path)
+    assert "wrote 140 images" in out
+    model = tmp_path / "models" / "m.pt"
+    out = run("train.py", "--data", ds / "Train data", "--out", model, "--epochs", "1", "--batch-size", "32",
+              "--no-progress", cwd=tmp_path)
+    assert "epoch   1/1" in out and model.exists()
+    out = run("test.py", ROOT / "samples" / "grace_hopper.jpg", "--model", model, "--out", tmp_path / "outputs", cwd=tmp_path)
+    assert "face 1 at" in out and (tmp_path / "outputs" / "grace_hopper_emotions.jpg").exists()
+    out = run("test.py", "--eval", csv, "--model", model, "--json", tmp_path / "e.json", "--out", tmp_path / "outputs", cwd=tmp_path)
+    assert json.loads((tmp_path / "e.json").read_text())["n"] == 140
+
+
+@pytest.mark.skipif(not (SHARED / "fer2013" / "val.csv.gz").exists(),
+                    reason="FER2013's val.csv.gz is not at ../shared/data/fer2013 (present in CI, not on a user's machine)")
+def test_shipped_model_scores_what_it_records(tmp_path):
+    metrics = json.loads(MODEL.with_name("Facial_Emotion_Recognizer.metrics.json").read_text())["validation"]
+    assert metrics["validation_set"] == "val.csv.gz"
+    run("test.py", "--eval", SHARED / "fer2013" / "val.csv.gz", "--json", tmp_path / "v.json", "--out", tmp_path, cwd=tmp_path)
+    scored = json.loads((tmp_path / "v.json").read_text())
+    assert scored["n"] == metrics["n"] == 3589
+    assert abs(scored["accuracy"] - metrics["accuracy"]) <= 0.001, (scored["accuracy"], metrics["accuracy"])
+    assert scored["accuracy"] >= 0.65

@@ -1,0 +1,127 @@
+"""test.py: reading any photo, annotating faces, bad inputs, and --eval."""
+import io
+import json
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import common
+from common import EMOTIONS
+from conftest import ROOT, synthetic_faces, write_csv
+
+SAMPLE = ROOT / "samples" / "grace_hopper.jpg"
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """An untrained model file: enough to check the plumbing, not the accuracy."""
+    torch.manual_seed(0)
+    model = common.build_model("EmotionNet", {"widths": [8, 8, 8, 8]}, 7)
+    path = tmp_path_factory.mktemp("model") / "tiny.pt"
+    common.atomic_save({"format_version": 1, "arch": "EmotionNet", "arch_args": {"widths": [8, 8, 8, 8]},
+                        "class_names": sorted(EMOTIONS), "input_size": 48, "mean": 0.5, "std": 0.25,
+                        "state_dict": model.state_dict(), "epoch": 0}, path)
+    return path
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, str(ROOT / "test.py"), *map(str, args)], capture_output=True, text=True)
+
+
+def save(img, path, **kw):
+    img.save(path, **kw)
+    return path
+
+
+def test_read_image_modes(testpy, tmp_path):
+    rgb = Image.open(SAMPLE).convert("RGB").resize((64, 48))
+    cases = {
+        "gray.png": rgb.convert("L"),
+        "rgba.png": rgb.convert("RGBA"),
+        "palette.png": rgb.convert("P"),
+        "tiny.png": Image.new("RGB", (1, 1), (10, 20, 30)),
+    }
+    for name, img in cases.items():
+        out = testpy.read_image(save(img, tmp_path / name))
+        assert out.dtype == np.uint8 and out.ndim == 3 and out.shape[2] == 3, name
+    deep = (np.arange(48 * 64, dtype=np.uint16).reshape(48, 64) * 20)
+    cv2.imwrite(str(tmp_path / "deep.png"), deep)
+    out = testpy.read_image(tmp_path / "deep.png")
+    assert out.shape == (48, 64, 3) and out.max() > 200 and out[..., 0].min() == 0  # scaled, not clipped
+
+
+def test_read_image_applies_exif_rotation(testpy, tmp_path):
+    img = Image.new("RGB", (60, 40), "white")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise when shown
+    path = save(img, tmp_path / "phone.jpg", exif=exif.tobytes())
+    assert testpy.read_image(path).shape == (60, 40, 3)
+
+
+@pytest.mark.parametrize("case, message", [("missing", "not found"), ("empty", "empty"), ("text", "not an image"),
+                                           ("truncated", "truncated")])
+def test_read_image_errors(testpy, tmp_path, case, message):
+    path = tmp_path / "bad.jpg"
+    if case == "empty":
+        path.write_bytes(b"")
+    elif case == "text":
+        path.write_text("hello")
+    elif case == "truncated":
+        data = SAMPLE.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(testpy.ImageReadError, match=message):
+        testpy.read_image(path)
+
+
+def test_photos_annotated_and_errors_reported(tiny_model, tmp_path):
+    blank = tmp_path / "blank.png"
+    cv2.imwrite(str(blank), np.full((100, 120), 128, np.uint8))
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"")
+    r = run_cli(SAMPLE, blank, broken, "--model", tiny_model, "--out", tmp_path / "out")
+    assert r.returncode == 1, r.stderr
+    assert "grace_hopper.jpg: face 1 at" in r.stdout and "blank.png: no face found" in r.stdout
+    assert "broken.jpg is empty" in r.stderr and "Traceback" not in r.stderr
+    annotated = cv2.imread(str(tmp_path / "out" / "grace_hopper_emotions.jpg"))
+    assert annotated.shape == cv2.imread(str(SAMPLE)).shape
+    assert (tmp_path / "out" / "blank_emotions.png").exists()
+
+
+def test_no_face_exits_zero(tiny_model, tmp_path):
+    blank = tmp_path / "blank.png"
+    cv2.imwrite(str(blank), np.zeros((50, 50, 3), np.uint8))
+    r = run_cli(blank, "--model", tiny_model, "--out", tmp_path)
+    assert r.returncode == 0 and "no face found" in r.stdout
+
+
+def test_usage_and_bad_flags(tiny_model, tmp_path):
+    r = run_cli()
+    assert r.returncode == 2 and "samples/grace_hopper.jpg" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    r = run_cli(SAMPLE, "--model", tiny_model, "--out", blocker)
+    assert r.returncode == 1 and "--out" in r.stderr and "is a file" in r.stderr and "Traceback" not in r.stderr
+    for model, needle in [(tmp_path / "none.pt", "not found"), (blocker, "damaged")]:
+        r = run_cli(SAMPLE, "--model", model)
+        assert r.returncode == 1 and needle in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_eval_csv_and_folder(testpy, tiny_model, tmp_path, preparation):
+    faces, labels = synthetic_faces(21)
+    csv = write_csv(tmp_path / "v.csv", faces, labels)
+    rec = testpy.Recognizer(tiny_model, torch.device("cpu"))
+    res = testpy.run_eval(rec, csv, tmp_path / "out", tmp_path / "s.json")
+    saved = json.loads((tmp_path / "s.json").read_text())
+    assert saved["n"] == 21 and 0 <= saved["accuracy"] <= 1 and set(saved["per_class"]) == set(EMOTIONS)
+    assert saved["accuracy"] == res["accuracy"]
+    # the same faces as a folder of crops score the same, within JPEG's rounding
+    preparation.main(preparation.parse_args(["--csv", str(csv), "--out", str(tmp_path / "ds"), "--no-progress"]))
+    res2 = testpy.run_eval(rec, tmp_path / "ds" / "Train data", tmp_path / "out", None)
+    assert res2["n"] == 21
+    probs = rec.classify(faces)
+    assert abs(res["accuracy"] - float((probs.argmax(1) == [rec.classes.index(EMOTIONS[y]) for y in labels]).mean())) < 1e-9

@@ -1,0 +1,147 @@
+"""train.py: loading the image folders, validation split, a tiny run, resume, and what it saves."""
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from common import EMOTIONS, UserError, load_checkpoint
+from conftest import ROOT, synthetic_faces, write_csv
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory, preparation):
+    """A small prepared dataset: 84 train and 28 test images over the seven emotions."""
+    tmp = tmp_path_factory.mktemp("ds")
+    faces, labels = synthetic_faces(112)
+    usage = ["Training"] * 84 + ["PublicTest"] * 28
+    csv = write_csv(tmp / "fer.csv", faces, labels, layout="orig", usage=usage)
+    preparation.main(preparation.parse_args(["--csv", str(csv), "--out", str(tmp / "face_datasets"), "--no-progress"]))
+    return tmp / "face_datasets"
+
+
+def tiny_args(train, data, out, *extra):
+    return train.parse_args(["--data", str(data), "--out", str(out), "--epochs", "2", "--batch-size", "16",
+                             "--max-batches", "2", "--no-progress", *extra])
+
+
+def copy_data(dataset, tmp_path):
+    dst = tmp_path / "data"
+    shutil.copytree(dataset / "Train data", dst)
+    return dst
+
+
+def test_load_image_folder(train, dataset):
+    faces, labels, classes, skipped = train.load_image_folder(dataset / "Train data", progress=False)
+    assert classes == sorted(EMOTIONS) and faces.shape == (84, 48, 48) and faces.dtype == np.uint8
+    assert not skipped and np.bincount(labels).tolist() == [12] * 7
+
+
+def test_bad_files_are_skipped(train, dataset, tmp_path):
+    data = copy_data(dataset, tmp_path)
+    (data / "happy" / "empty.jpg").write_bytes(b"")
+    (data / "happy" / "notes.jpg").write_text("not an image")
+    good = next((data / "sad").glob("*.jpg")).read_bytes()
+    (data / "sad" / "cut.jpg").write_bytes(good[: len(good) // 2])
+    faces, labels, classes, skipped = train.load_image_folder(data, progress=False)
+    assert len(faces) == 84 and sorted(p.split("/")[-1] for p, _ in skipped) == ["cut.jpg", "empty.jpg", "notes.jpg"]
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing", "not found"), ("empty", "no class folders"), ("unknown", "'smile' is not one of the seven"),
+    ("empty_class", "'fear' has no images"),
+])
+def test_bad_data_folders(train, dataset, tmp_path, case, message):
+    data = tmp_path / "data"
+    if case == "empty":
+        data.mkdir()
+    elif case == "unknown":
+        data = copy_data(dataset, tmp_path)
+        (data / "smile").mkdir()
+    elif case == "empty_class":
+        data = copy_data(dataset, tmp_path)
+        for f in (data / "fear").iterdir():
+            f.unlink()
+    with pytest.raises(UserError, match=message):
+        train.load_image_folder(data, progress=False)
+
+
+def test_stratified_split(train):
+    labels = np.repeat(np.arange(7), 20)
+    tr, va = train.stratified_split(labels, 0.1, seed=0)
+    assert len(va) == 14 and np.bincount(labels[va]).tolist() == [2] * 7 and not set(tr) & set(va)
+    with pytest.raises(UserError, match="too few images"):
+        train.stratified_split(np.array([0, 0, 1, 1, 2]), 0.1, seed=0)
+
+
+def test_augment_is_seeded_and_keeps_shape(train):
+    x = torch.randn(8, 1, 48, 48)
+    a = train.augment(x, torch.Generator().manual_seed(3))
+    b = train.augment(x, torch.Generator().manual_seed(3))
+    assert a.shape == x.shape and torch.equal(a, b) and not torch.equal(a, x)
+
+
+def test_tiny_run_writes_everything(train, dataset, tmp_path):
+    out = tmp_path / "models" / "m.pt"
+    res = train.main(tiny_args(train, dataset / "Train data", out))  # picks up the sibling "Test data"
+    ckpt = torch.load(out, weights_only=True)
+    assert ckpt["class_names"] == sorted(EMOTIONS) and ckpt["arch"] == "EmotionNet" and ckpt["epoch"] >= 1
+    assert {"state_dict", "arch_args", "input_size", "mean", "std", "metrics", "train_args"} <= set(ckpt)
+    metrics = json.loads((tmp_path / "models" / "m.metrics.json").read_text())
+    assert metrics["validation"]["validation_set"] == "Test data" and metrics["validation"]["n"] == 28
+    assert set(metrics["validation"]["per_class"]) == set(EMOTIONS) and metrics["parameters"] > 0
+    assert len(metrics["epoch_seconds"]) == 2 and "accuracy_no_tta" in metrics["validation"]
+    for key in ("cm_counts", "cm_rates", "curves", "last"):
+        assert res["paths"][key].stat().st_size > 0
+
+
+def test_holdout_when_no_validation_folder(train, dataset, tmp_path):
+    data = copy_data(dataset, tmp_path)  # no "Test data" beside it
+    train.main(tiny_args(train, data, tmp_path / "m.pt"))
+    metrics = json.loads((tmp_path / "m.metrics.json").read_text())
+    assert metrics["validation"]["validation_set"].startswith("hold-out") and metrics["validation"]["n"] == 8
+
+
+def test_resume_matches_uninterrupted_run(train, dataset, tmp_path, monkeypatch):
+    data = dataset / "Train data"
+    train.main(tiny_args(train, data, tmp_path / "a" / "m.pt"))
+    full = torch.load(tmp_path / "a" / "m.last.pt", weights_only=True)
+
+    real = train.train_one_epoch
+
+    def interrupted(*args, **kwargs):
+        if args[8] == 1:  # the second epoch
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train, "train_one_epoch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(tiny_args(train, data, tmp_path / "b" / "m.pt"))
+    monkeypatch.setattr(train, "train_one_epoch", real)
+    assert torch.load(tmp_path / "b" / "m.last.pt", weights_only=True)["epoch"] == 1
+    train.main(tiny_args(train, data, tmp_path / "b" / "m.pt", "--resume", str(tmp_path / "b" / "m.last.pt")))
+    resumed = torch.load(tmp_path / "b" / "m.last.pt", weights_only=True)
+    assert resumed["epoch"] == 2
+    for k, v in full["state_dict"].items():
+        assert torch.equal(v, resumed["state_dict"][k]), k
+
+
+def test_model_is_backed_up_before_replacing(train, dataset, tmp_path):
+    out = tmp_path / "m.pt"
+    out.write_bytes(b"the earlier model")
+    train.main(tiny_args(train, dataset / "Train data", out))
+    assert out.with_suffix(".bak.pt").read_bytes() == b"the earlier model"
+    load_checkpoint(out)
+
+
+def test_cli_errors(dataset, tmp_path):
+    for args, needle in [(["--data", str(tmp_path / "nope")], "not found"),
+                         (["--data", str(dataset / "Train data"), "--resume", str(tmp_path / "x.pt")], "not found")]:
+        r = subprocess.run([sys.executable, str(ROOT / "train.py"), *args, "--no-progress", "--out", str(tmp_path / "m.pt")],
+                           capture_output=True, text=True)
+        assert r.returncode == 1 and needle in r.stderr and "Traceback" not in r.stderr, r.stderr
+    r = subprocess.run([sys.executable, str(ROOT / "train.py"), "--epochs", "0"], capture_output=True, text=True)
+    assert r.returncode == 2 and "--epochs must be at least 1" in r.stderr

@@ -1,0 +1,419 @@
+"""Train the facial emotion CNN on the images preparation.py wrote.
+
+    python train.py                                       # face_datasets/Train data -> models/
+    python train.py --val ../shared/data/fer2013/val.csv.gz --epochs 40
+    python train.py --resume models/Facial_Emotion_Recognizer.last.pt   # continue an interrupted run
+
+Images are read once through torchvision's ImageFolder into memory; augmentation then runs on
+whole batches as tensor operations, so two CPU cores spend their time in the convolutions.
+Writes the best model (by validation accuracy) to --out, the last epoch beside it as *.last.pt
+for --resume, and confusion matrices, training curves and a metrics JSON beside it.
+"""
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from common import (EMOTIONS, IMAGE_SIZE, NORM_MEAN, NORM_STD, CHECKPOINT_FORMAT, REPO_ROOT, UserError,
+                    atomic_save, autocast_for, build_model, choose_device, count_parameters, cpu_has_bf16,
+                    load_checkpoint, predict_proba, run_main, set_seed, to_input)
+
+DEFAULT_ARCH = "EmotionNet"
+DEFAULT_ARCH_ARGS = {"widths": [32, 64, 128, 256], "blocks": [1, 1, 1, 1], "dropout": 0.3}
+VAL_FRACTION = 0.1  # held out, stratified, when no validation set is given
+MIN_VAL_PER_CLASS = 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+
+
+def load_image_folder(root, progress=True):
+    """All images of an ImageFolder tree as uint8 (N, 48, 48), labels and class names; bad files skipped.
+
+    Returns (faces, labels, classes, skipped) where skipped lists (path, reason).
+    """
+    from PIL import Image, UnidentifiedImageError
+    from torchvision.datasets import ImageFolder
+    from tqdm import tqdm
+
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"data folder {root} not found: run preparation.py first or pass --data")
+    subdirs = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not subdirs:
+        raise UserError(f"data folder {root} has no class folders: expected one folder per emotion "
+                        f"({', '.join(EMOTIONS)}); run preparation.py")
+    unknown = [d for d in subdirs if d not in EMOTIONS]
+    if unknown:
+        raise UserError(f"data folder {root}: class folder {unknown[0]!r} is not one of the seven emotions "
+                        f"({', '.join(EMOTIONS)}); rename or remove it")
+    try:
+        ds = ImageFolder(str(root), loader=lambda p: p, allow_empty=True)
+    except (FileNotFoundError, OSError) as e:
+        raise UserError(f"data folder {root}: {e}") from None
+    counts = np.bincount([t for _, t in ds.samples], minlength=len(ds.classes))
+    empty = [c for c, n in zip(ds.classes, counts) if n == 0]
+    if empty:
+        raise UserError(f"data folder {root}: class folder {empty[0]!r} has no images; add images or remove the folder")
+    faces, labels, skipped = [], [], []
+    for path, target in tqdm(ds.samples, desc=f"loading {root.name}", unit=" img", disable=not progress, mininterval=0.5):
+        try:
+            with Image.open(path) as im:
+                im = im.convert("L")
+                if im.size != (IMAGE_SIZE, IMAGE_SIZE):
+                    im = im.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR)
+                faces.append(np.asarray(im, dtype=np.uint8))
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+            skipped.append((path, f"{type(e).__name__}: {str(e)[:60]}"))
+            continue
+        labels.append(target)
+    if not faces:
+        raise UserError(f"data folder {root} has no readable images ({len(skipped)} unreadable)")
+    return np.stack(faces), np.array(labels, dtype=np.int64), list(ds.classes), skipped
+
+
+def load_val_source(path, classes, progress=True):
+    """Validation faces and labels (in `classes` order) from a folder like Train data or a FER2013 CSV."""
+    path = Path(path)
+    if path.is_file() and path.name.endswith((".csv", ".csv.gz")):
+        from preparation import read_csv
+
+        faces, ids, _, _ = read_csv(path, progress=progress)
+        names = [EMOTIONS[i] for i in ids]
+    else:
+        faces, labels, val_classes, skipped = load_image_folder(path, progress)
+        if skipped:
+            print(f"skipped {len(skipped)} unreadable validation images, first {skipped[0][0]}")
+        names = [val_classes[t] for t in labels]
+    missing = sorted(set(names) - set(classes))
+    if missing:
+        raise UserError(f"--val {path} has emotion {missing[0]!r} that the training data lacks")
+    index = {c: i for i, c in enumerate(classes)}
+    return faces, np.array([index[n] for n in names], dtype=np.int64)
+
+
+def stratified_split(labels, fraction, seed):
+    """Train and validation indices, stratified by class (scikit-learn)."""
+    from sklearn.model_selection import train_test_split
+
+    counts = np.bincount(labels)
+    n_val = int(round(fraction * len(labels)))
+    if counts[counts > 0].min() < 2 or n_val < len(counts[counts > 0]):
+        raise UserError(f"too few images for a validation split ({len(labels)} images, smallest class "
+                        f"{counts[counts > 0].min()}): add images, or pass --val with a validation folder")
+    idx = np.arange(len(labels))
+    return train_test_split(idx, test_size=n_val, stratify=labels, random_state=seed)
+
+
+def augment(x, gen, max_rotate=10.0, max_shift=0.1, scale=(0.9, 1.1), erase_p=0.5):
+    """Random flip, rotation, scale and shift (one affine warp per batch), then random erasing.
+
+    x: normalised float (N, 1, H, W). All randomness comes from `gen`, so a seeded epoch is repeatable.
+    """
+    n = x.shape[0]
+    r = lambda *s: torch.rand(*s, generator=gen)  # noqa: E731
+    angle = (r(n) * 2 - 1) * math.radians(max_rotate)
+    s = scale[0] + r(n) * (scale[1] - scale[0])
+    flip = torch.where(r(n) < 0.5, -1.0, 1.0)
+    cos, sin = torch.cos(angle) / s, torch.sin(angle) / s
+    theta = torch.stack([torch.stack([cos * flip, -sin, (r(n) * 2 - 1) * max_shift * 2], 1),
+                         torch.stack([sin * flip, cos, (r(n) * 2 - 1) * max_shift * 2], 1)], 1)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    # Random erasing: one rectangle of 2-25% of the image per chosen face, filled with 0 (the mean).
+    h, w = x.shape[2:]
+    area = (0.02 + r(n) * 0.23) * h * w
+    aspect = torch.exp((r(n) * 2 - 1) * math.log(3))
+    eh = (area * aspect).sqrt().clamp(1, h)
+    ew = (area / aspect).sqrt().clamp(1, w)
+    y0 = r(n) * (h - eh)
+    x0 = r(n) * (w - ew)
+    ys = torch.arange(h).view(1, h, 1)
+    xs = torch.arange(w).view(1, 1, w)
+    mask = ((ys >= y0.view(n, 1, 1)) & (ys < (y0 + eh).view(n, 1, 1)) &
+            (xs >= x0.view(n, 1, 1)) & (xs < (x0 + ew).view(n, 1, 1)) & (r(n) < erase_p).view(n, 1, 1))
+    return x.masked_fill(mask.unsqueeze(1), 0.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training and evaluation
+
+
+def train_one_epoch(model, ema, faces, labels, optimizer, scheduler, device, args, epoch, class_weights, progress=True):
+    """One pass over the training faces in a seeded order; returns (mean loss, accuracy, images)."""
+    from tqdm import tqdm
+
+    gen = torch.Generator().manual_seed(args.seed * 1000 + epoch)
+    torch.manual_seed(args.seed * 1000 + epoch)  # dropout
+    order = torch.randperm(len(faces), generator=gen)
+    n_batches = len(order) // args.batch_size or 1
+    if args.max_batches:
+        n_batches = min(n_batches, args.max_batches)
+    model.train()
+    total_loss, correct, seen = 0.0, 0, 0
+    bar = tqdm(range(n_batches), desc=f"epoch {epoch + 1}/{args.epochs}", unit=" batch", disable=not progress,
+               leave=False, mininterval=1.0)
+    for b in bar:
+        idx = order[b * args.batch_size:(b + 1) * args.batch_size]
+        x = augment(to_input(faces[idx]), gen).contiguous(memory_format=torch.channels_last).to(device)
+        y = labels[idx].to(device)
+        with autocast_for(device, args.bf16):
+            logits = model(x)
+            loss = F.cross_entropy(logits.float(), y, weight=class_weights, label_smoothing=args.label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        if ema is not None:
+            ema.update_parameters(model)
+        total_loss += loss.item() * len(idx)
+        correct += (logits.argmax(1) == y).sum().item()
+        seen += len(idx)
+        bar.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{correct / seen:.3f}")
+    return total_loss / seen, correct / seen, seen
+
+
+def evaluate(model, faces, labels, device, bf16, tta):
+    """Accuracy, macro-F1, confusion matrix and per-class report of `model` on uint8 faces."""
+    from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_support
+
+    probs = predict_proba(model, faces, device, tta=tta, bf16=bf16)
+    pred = probs.argmax(1).numpy()
+    k = probs.shape[1]
+    p, r, f, s = precision_recall_fscore_support(labels, pred, labels=range(k), zero_division=0)
+    return {
+        "accuracy": float((pred == labels).mean()),
+        "macro_f1": float(f1_score(labels, pred, labels=range(k), average="macro", zero_division=0)),
+        "confusion": confusion_matrix(labels, pred, labels=range(k)).tolist(),
+        "per_class": {"precision": p.tolist(), "recall": r.tolist(), "f1": f.tolist(), "support": s.tolist()},
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Outputs
+
+
+def plot_confusion(confusion, classes, path, normalize, title):
+    """The confusion matrix as a seaborn heatmap, counts or row-normalised rates."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    cm = np.array(confusion, dtype=float)
+    if normalize:
+        cm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+    fig, ax = plt.subplots(figsize=(7, 6))
+    sns.heatmap(cm, annot=True, fmt=".2f" if normalize else ".0f", cmap="Blues", xticklabels=classes,
+                yticklabels=classes, ax=ax, cbar=True)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_curves(history, path):
+    """Training loss and train/validation accuracy per epoch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ep = [h["epoch"] for h in history]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+    a1.plot(ep, [h["train_loss"] for h in history])
+    a1.set_xlabel("epoch")
+    a1.set_ylabel("training loss")
+    a2.plot(ep, [h["train_acc"] for h in history], label="train (augmented)")
+    a2.plot(ep, [h["val_acc"] for h in history], label="validation")
+    a2.set_xlabel("epoch")
+    a2.set_ylabel("accuracy")
+    a2.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_json_atomic(obj, path):
+    """JSON to a temp file, then renamed over `path`."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def output_paths(out, plots_dir):
+    """Where the last checkpoint, metrics and plots of model file `out` go."""
+    plots = Path(plots_dir) if plots_dir else out.parent
+    stem = out.name[:-3] if out.name.endswith(".pt") else out.name
+    return {
+        "last": out.with_name(stem + ".last.pt"),
+        "metrics": out.with_name(stem + ".metrics.json"),
+        "cm_counts": plots / f"{stem}.confusion_counts.png",
+        "cm_rates": plots / f"{stem}.confusion_normalized.png",
+        "curves": plots / f"{stem}.training_curves.png",
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Train the facial emotion CNN on an ImageFolder tree.")
+    p.add_argument("--data", type=Path, default=REPO_ROOT / "face_datasets" / "Train data",
+                   help="folder with one subfolder per emotion (default: face_datasets/Train data)")
+    p.add_argument("--val", type=Path, default=None,
+                   help="validation folder or FER2013 CSV (default: face_datasets/Test data if present, "
+                        f"else a stratified {VAL_FRACTION:.0%} hold-out)")
+    p.add_argument("--out", type=Path, default=REPO_ROOT / "models" / "Facial_Emotion_Recognizer.pt",
+                   help="model file to write (default: models/Facial_Emotion_Recognizer.pt)")
+    p.add_argument("--plots", type=Path, default=None, help="folder for plots (default: beside --out)")
+    p.add_argument("--epochs", type=int, default=40, help="training epochs (default: 40)")
+    p.add_argument("--batch-size", type=int, default=128, help="batch size (default: 128)")
+    p.add_argument("--lr", type=float, default=0.1, help="peak SGD learning rate of the one-cycle schedule (default: 0.1)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto",
+                   help="device (default: auto = cuda, then mps, then cpu)")
+    p.add_argument("--max-batches", type=int, default=0, help="stop each epoch after N batches, for smoke tests (default: 0 = all)")
+    p.add_argument("--resume", type=Path, default=None, help="continue from a *.last.pt checkpoint (default: start fresh)")
+    p.add_argument("--no-bf16", dest="bf16", action="store_false",
+                   help="train in float32 (default: bfloat16 autocast where the CPU or GPU supports it)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (default: shown)")
+    p.add_argument("--debug", action="store_true", help="show tracebacks (default: one-line errors)")
+    args = p.parse_args(argv)
+    for flag in ("epochs", "batch_size"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be at least 1")
+    if args.lr <= 0:
+        p.error("--lr must be positive")
+    args.weight_decay = 5e-4
+    args.label_smoothing = 0.1
+    args.ema_decay = 0.999
+    return args
+
+
+def main(args):
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    device = choose_device(args.device)
+    torch.set_float32_matmul_precision("high")
+    uses_bf16 = args.bf16 and (device.type == "cuda" or (device.type == "cpu" and cpu_has_bf16()))
+    print(f"device: {device}, {'bfloat16 autocast' if uses_bf16 else 'float32'}, {torch.get_num_threads()} threads")
+    progress = not args.no_progress
+    set_seed(args.seed)
+
+    faces, labels, classes, skipped = load_image_folder(args.data, progress)
+    if skipped:
+        print(f"skipped {len(skipped)} unreadable images in {args.data} (first: {skipped[0][0]}: {skipped[0][1]})")
+    val_src = args.val
+    if val_src is None and (args.data.parent / "Test data").is_dir() and args.data.name != "Test data":
+        val_src = args.data.parent / "Test data"
+    if val_src is not None:
+        val_faces, val_labels = load_val_source(val_src, classes, progress)
+        val_name = Path(val_src).name
+    else:
+        tr, va = stratified_split(labels, VAL_FRACTION, args.seed)
+        val_faces, val_labels = faces[va], labels[va]
+        faces, labels = faces[tr], labels[tr]
+        val_name = f"hold-out {VAL_FRACTION:.0%} of {args.data.name}"
+    print(f"classes: {', '.join(classes)}; {len(faces)} training images, {len(val_faces)} validation ({val_name})")
+
+    train_faces, train_labels = torch.from_numpy(faces), torch.from_numpy(labels)
+    model = build_model(DEFAULT_ARCH, DEFAULT_ARCH_ARGS, len(classes)).to(device).to(memory_format=torch.channels_last)
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(args.ema_decay), use_buffers=True)
+    decay, no_decay = [], []
+    for name, prm in model.named_parameters():
+        (no_decay if prm.ndim <= 1 else decay).append(prm)
+    optimizer = torch.optim.SGD([{"params": decay, "weight_decay": args.weight_decay},
+                                 {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, momentum=0.9, nesterov=True)
+    steps_per_epoch = len(faces) // args.batch_size or 1
+    if args.max_batches:
+        steps_per_epoch = min(steps_per_epoch, args.max_batches)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, epochs=args.epochs,
+                                                    steps_per_epoch=steps_per_epoch, pct_start=0.15)
+    # Inverse square-root class frequency: lifts disgust (1.5% of FER2013) without wrecking the rest.
+    freq = np.bincount(labels, minlength=len(classes)).astype(float)
+    class_weights = torch.tensor((freq.sum() / np.maximum(freq, 1) / len(classes)) ** 0.5, dtype=torch.float32)
+    class_weights = (class_weights / (class_weights * torch.tensor(freq / freq.sum(), dtype=torch.float32)).sum()).to(device)
+
+    paths = output_paths(args.out, args.plots)
+    start_epoch, history, best = 0, [], None
+    if args.resume:
+        ck = load_checkpoint(args.resume)
+        if "optimizer" not in ck:
+            raise UserError(f"--resume {args.resume} has no optimiser state: pass the *.last.pt file written beside the model")
+        if ck["class_names"] != classes or ck["arch_args"] != DEFAULT_ARCH_ARGS:
+            raise UserError(f"--resume {args.resume} was trained on other classes or another architecture: start fresh")
+        model.load_state_dict(ck["state_dict"])
+        ema.load_state_dict(ck["ema"])
+        optimizer.load_state_dict(ck["optimizer"])
+        scheduler.load_state_dict(ck["scheduler"])
+        start_epoch, history, best = ck["epoch"], ck["history"], ck.get("best")
+        print(f"resuming from {args.resume} after epoch {start_epoch}")
+
+    n_params = count_parameters(model)
+    print(f"model: {DEFAULT_ARCH} {DEFAULT_ARCH_ARGS}, {n_params:,} parameters")
+    train_args = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    run_start = time.time() - sum(h["seconds"] for h in history)
+    saved_model = False
+    for epoch in range(start_epoch, args.epochs):
+        t0 = time.time()
+        loss, acc, seen = train_one_epoch(model, ema, train_faces, train_labels, optimizer, scheduler, device, args,
+                                          epoch, class_weights, progress)
+        seconds = time.time() - t0
+        metrics = evaluate(ema.module, val_faces, val_labels, device, args.bf16, tta=True)
+        history.append({"epoch": epoch + 1, "train_loss": loss, "train_acc": acc, "val_acc": metrics["accuracy"],
+                        "val_macro_f1": metrics["macro_f1"], "seconds": seconds, "images_per_s": seen / seconds})
+        is_best = best is None or metrics["accuracy"] > best["accuracy"]
+        print(f"epoch {epoch + 1:3d}/{args.epochs}  loss {loss:.4f}  train acc {acc:.4f}  val acc {metrics['accuracy']:.4f}"
+              f"  macro-F1 {metrics['macro_f1']:.4f}  {seconds:.0f}s ({seen / seconds:.0f} img/s){'  *best' if is_best else ''}",
+              flush=True)
+        ckpt = {
+            "format_version": CHECKPOINT_FORMAT, "arch": DEFAULT_ARCH, "arch_args": DEFAULT_ARCH_ARGS,
+            "class_names": list(classes), "input_size": IMAGE_SIZE, "mean": NORM_MEAN, "std": NORM_STD,
+            "epoch": epoch + 1, "train_args": train_args,
+        }
+        if is_best:
+            without_tta = evaluate(ema.module, val_faces, val_labels, device, args.bf16, tta=False)
+            best_metrics = {
+                "validation_set": val_name, "n": int(len(val_labels)), "accuracy": metrics["accuracy"],
+                "accuracy_no_tta": without_tta["accuracy"], "macro_f1": metrics["macro_f1"],
+                "per_class": {c: {k: v[i] for k, v in metrics["per_class"].items()} for i, c in enumerate(classes)},
+                "confusion": metrics["confusion"],
+            }
+            best = {"epoch": epoch + 1, "accuracy": metrics["accuracy"], "metrics": best_metrics}
+            # The first save of a fresh run keeps the model it replaces as *.bak.pt.
+            atomic_save({**ckpt, "state_dict": ema.module.state_dict(), "metrics": best_metrics}, args.out,
+                        backup=not args.resume and not saved_model)
+            saved_model = True
+            plot_confusion(metrics["confusion"], classes, paths["cm_counts"], False,
+                           f"validation ({val_name}), epoch {epoch + 1}: counts")
+            plot_confusion(metrics["confusion"], classes, paths["cm_rates"], True,
+                           f"validation ({val_name}), epoch {epoch + 1}: recall per class")
+        atomic_save({**ckpt, "state_dict": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict(), "history": history, "best": best}, paths["last"])
+        plot_curves(history, paths["curves"])
+        write_json_atomic({
+            "model": str(args.out.name), "arch": DEFAULT_ARCH, "arch_args": DEFAULT_ARCH_ARGS, "parameters": n_params,
+            "class_names": list(classes), "best_epoch": best["epoch"], "epochs_run": epoch + 1,
+            "validation": best["metrics"],
+            "train_wall_seconds": time.time() - run_start,
+            "epoch_seconds": [h["seconds"] for h in history], "history": history, "train_args": train_args,
+            "device": str(device), "bf16": uses_bf16, "threads": torch.get_num_threads(),
+            "skipped_images": [str(p) for p, _ in skipped],
+        }, paths["metrics"])
+    print(f"best validation accuracy {best['accuracy']:.4f} at epoch {best['epoch']}; model: {args.out}; "
+          f"plots: {paths['cm_counts'].parent}")
+    return {"model": args.out, "best": best, "history": history, "paths": paths}
+
+
+if __name__ == "__main__":
+    run_main(main, parse_args())
