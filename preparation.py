@@ -115,9 +115,6 @@ def read_csv(path, skip_bad=False, progress=True):
                     face = parse_pixels(row[pix_col])
                     label = parse_label(row[lab_col])
                 except RowError as e:
-                    if not skip_bad:
-                        raise UserError(f"{path} line {reader.line_num}: row {e}; fix or remove it, "
-                                        "or pass --skip-bad to leave bad rows out") from None
                     bad.append((reader.line_num, str(e)))
                     continue
                 faces.append(face)
@@ -127,11 +124,20 @@ def read_csv(path, skip_bad=False, progress=True):
     except (OSError, EOFError, zlib.error, UnicodeDecodeError, csv.Error) as e:
         what = "truncated or damaged" if isinstance(e, (EOFError, zlib.error, gzip.BadGzipFile)) else "unreadable"
         raise UserError(f"{path} is {what} ({type(e).__name__}: {str(e)[:80]}): download it again") from None
+    if bad and not skip_bad:
+        raise UserError(f"{path} line {bad[0][0]}: row {bad[0][1]} ({describe_bad(bad)}); fix or remove "
+                        f"{'it' if len(bad) == 1 else 'them'}, or pass --skip-bad to leave bad rows out")
     if not faces:
-        extra = f" ({len(bad)} bad rows, first at line {bad[0][0]}: {bad[0][1]})" if bad else ""
+        extra = f" ({describe_bad(bad)})" if bad else ""
         raise UserError(f"{path} has no usable data rows{extra}: check that it is FER2013's CSV")
     faces = np.stack(faces)
     return faces, np.array(labels, dtype=np.int64), (usage if use_col is not None else None), bad
+
+
+def describe_bad(bad):
+    """'3 bad rows, at lines 4, 9, 12' with at most MAX_BAD_SHOWN line numbers."""
+    lines = ", ".join(str(n) for n, _ in bad[:MAX_BAD_SHOWN]) + (", ..." if len(bad) > MAX_BAD_SHOWN else "")
+    return f"{len(bad)} bad row{'s' if len(bad) > 1 else ''}, at line{'s' if len(bad) > 1 else ''} {lines}"
 
 
 def split_of(usage):
@@ -245,8 +251,7 @@ def main(args):
 
     print(format_table(counts))
     if bad:
-        lines = ", ".join(str(n) for n, _ in bad[:MAX_BAD_SHOWN]) + (", ..." if len(bad) > MAX_BAD_SHOWN else "")
-        print(f"skipped {len(bad)} bad rows (lines {lines}); see {out / 'rejects.csv'}")
+        print(f"skipped {describe_bad(bad)}; see {out / 'rejects.csv'}")
     print(f"wrote {len(faces)} images to {out} in {time.perf_counter() - start:.1f}s; "
           f"class chart: {out / 'class_distribution.png'}")
     return {"out": out, "counts": counts, "bad": bad}

@@ -135,7 +135,7 @@ def test_bad_row_stops_or_is_skipped(preparation, tmp_path, small_csv):
     lines[5] = lines[5].rsplit(",", 1)[0] + ",9"      # label out of range, line 6
     lines[9] = "1 2 3,4"                                # too few values, line 10
     path.write_text("\n".join(lines) + "\n")
-    with pytest.raises(UserError, match="line 6: row has label 9"):
+    with pytest.raises(UserError, match=r"line 6: row has label 9, .* \(2 bad rows, at lines 6, 10\)"):
         preparation.read_csv(path, progress=False)
     f, y, _, bad = preparation.read_csv(path, skip_bad=True, progress=False)
     assert [n for n, _ in bad] == [6, 10] and len(f) == len(faces) - 2
@@ -200,7 +200,8 @@ def test_cli_errors_are_one_line(tmp_path, small_csv):
     blocker.write_text("x")
     for args, needle in [(["--csv", str(tmp_path / "missing.csv")], "not found"),
                          (["--csv", str(bad)], "line 2"),
-                         (["--csv", str(small_csv[0]), "--out", str(blocker)], "is a file")]:
+                         (["--csv", str(small_csv[0]), "--out", str(blocker)], "is a file"),
+                         (["--csv", str(small_csv[0]), "--out", str(blocker / "sub")], "cannot write")]:
         r = subprocess.run([sys.executable, str(ROOT / "preparation.py"), *args, "--no-progress"],
                            capture_output=True, text=True)
         assert r.returncode == 1, r.stderr
