@@ -205,19 +205,30 @@ def load_face_detector():
     return cascade
 
 
-def detect_faces(cascade, gray, scale_factor=1.1, min_neighbors=5, min_size_frac=0.04, max_side=1280):
-    """Face boxes (x, y, w, h) in a gray uint8 image; large images are searched at a smaller size."""
+def detect_faces(cascade, gray, scale_factor=1.1, min_neighbors=3, min_weight=0.0, min_size_frac=0.0, max_side=1280):
+    """Face boxes (x, y, w, h) in a gray uint8 image; large images are searched at a smaller size.
+
+    A low `min_neighbors` finds more faces; `min_weight`, the cascade's confidence in its last stage
+    (detectMultiScale3's level weight), then removes the weak detections that are mostly not faces.
+    The search runs on a histogram-equalised copy (finds more faces in dim or flat light); where that
+    finds none, on the plain image, since equalising a photo that is mostly flat background (a face on
+    a white wall) washes the face out.
+    """
     import cv2
 
     h, w = gray.shape[:2]
     scale = min(1.0, max_side / max(h, w))
     small = cv2.resize(gray, (round(w * scale), round(h * scale)), interpolation=cv2.INTER_AREA) if scale < 1 else gray
-    small = cv2.equalizeHist(small)
     min_side = max(20, int(min_size_frac * min(small.shape[:2])))
     if min(small.shape[:2]) < min_side:
         return []
-    boxes = cascade.detectMultiScale(small, scaleFactor=scale_factor, minNeighbors=min_neighbors, minSize=(min_side, min_side))
-    return [tuple(int(round(v / scale)) for v in b) for b in boxes]
+    for image in (cv2.equalizeHist(small), small):
+        boxes, _, weights = cascade.detectMultiScale3(image, scaleFactor=scale_factor, minNeighbors=min_neighbors,
+                                                      minSize=(min_side, min_side), outputRejectLevels=True)
+        found = [tuple(int(round(v / scale)) for v in b) for b, wt in zip(boxes, np.ravel(weights)) if wt >= min_weight]
+        if found:
+            return found
+    return []
 
 
 # ---------------------------------------------------------------------------------------------

@@ -115,13 +115,13 @@ def test_eval_csv_and_folder(testpy, tiny_model, tmp_path, preparation):
     faces, labels = synthetic_faces(21)
     csv = write_csv(tmp_path / "v.csv", faces, labels)
     rec = testpy.Recognizer(tiny_model, torch.device("cpu"))
-    res = testpy.run_eval(rec, csv, tmp_path / "out", tmp_path / "s.json")
+    res = testpy.run_eval(rec, csv, tmp_path, tmp_path / "s.json")
     saved = json.loads((tmp_path / "s.json").read_text())
     assert saved["n"] == 21 and 0 <= saved["accuracy"] <= 1 and set(saved["per_class"]) == set(EMOTIONS)
     assert saved["accuracy"] == res["accuracy"]
     # the same faces as a folder of crops score the same, within JPEG's rounding
     preparation.main(preparation.parse_args(["--csv", str(csv), "--out", str(tmp_path / "ds"), "--no-progress"]))
-    res2 = testpy.run_eval(rec, tmp_path / "ds" / "Train data", tmp_path / "out", None)
+    res2 = testpy.run_eval(rec, tmp_path / "ds" / "Train data", tmp_path, None)
     assert res2["n"] == 21
     probs = rec.classify(faces)
     assert abs(res["accuracy"] - float((probs.argmax(1) == [rec.classes.index(EMOTIONS[y]) for y in labels]).mean())) < 1e-9

@@ -1,0 +1,165 @@
+"""test.py as an everyday tool: folders, structured output, video, camera, --no-detect, detection quality."""
+import csv
+import json
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+import common
+from common import EMOTIONS
+from conftest import ROOT, SHARED
+
+SAMPLE = ROOT / "samples" / "grace_hopper.jpg"
+FACES_DEV = SHARED / "faces_dev"
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    torch.manual_seed(0)
+    model = common.build_model("EmotionNet", {"widths": [8, 8, 8, 8]}, 7)
+    path = tmp_path_factory.mktemp("model") / "tiny.pt"
+    common.atomic_save({"format_version": 1, "arch": "EmotionNet", "arch_args": {"widths": [8, 8, 8, 8]},
+                        "class_names": sorted(EMOTIONS), "input_size": 48, "mean": 0.5, "std": 0.25,
+                        "state_dict": model.state_dict(), "epoch": 0}, path)
+    return path
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, str(ROOT / "test.py"), *map(str, args)], capture_output=True, text=True)
+
+
+def test_folders_json_and_csv(tiny_model, tmp_path):
+    photos = tmp_path / "photos" / "nested"
+    photos.mkdir(parents=True)
+    (photos / "hopper.jpg").write_bytes(SAMPLE.read_bytes())
+    cv2.imwrite(str(tmp_path / "photos" / "blank.png"), np.zeros((60, 80), np.uint8))
+    (tmp_path / "photos" / "notes.txt").write_text("not a photo")
+    r = run_cli(tmp_path / "photos", "--model", tiny_model, "--out", tmp_path / "out",
+                "--json", tmp_path / "f.json", "--csv", tmp_path / "f.csv")
+    assert r.returncode == 0, r.stderr
+    assert "skipped 1 files that are not images" in r.stdout and "2 photos, 1 faces" in r.stdout
+    records = json.loads((tmp_path / "f.json").read_text())
+    assert [Path_name(r["file"]) for r in records] == ["blank.png", "hopper.jpg"]
+    blank, face = records
+    assert blank["box"] is None
+    assert len(face["box"]) == 4 and face["emotion"] in EMOTIONS and set(face["probabilities"]) == set(EMOTIONS)
+    assert abs(sum(face["probabilities"].values()) - 1) < 1e-3 and face["confidence"] == max(face["probabilities"].values())
+    rows = list(csv.DictReader(open(tmp_path / "f.csv")))
+    assert len(rows) == 2 and rows[1]["emotion"] == face["emotion"] and set(EMOTIONS) <= set(rows[0])
+
+
+def Path_name(p):
+    return p.replace("\\", "/").rsplit("/", 1)[-1]
+
+
+def test_no_detect_treats_image_as_a_face(tiny_model, tmp_path):
+    crop = tmp_path / "crop.png"
+    cv2.imwrite(str(crop), np.full((48, 48), 90, np.uint8))
+    r = run_cli(crop, "--no-detect", "--model", tiny_model, "--out", tmp_path / "out", "--json", tmp_path / "c.json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "c.json").read_text())[0]["box"] == [0, 0, 48, 48]
+
+
+def make_video(path, frames=12, size=(320, 240)):
+    """A short video of the sample photo, letterboxed into `size`, drifting a pixel a frame."""
+    photo = cv2.imread(str(SAMPLE))
+    scale = min(size[0] / photo.shape[1], size[1] / photo.shape[0])
+    photo = cv2.resize(photo, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
+    canvas = np.zeros((size[1], size[0], 3), np.uint8)
+    canvas[:photo.shape[0], :photo.shape[1]] = photo
+    w = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 10, size)
+    for i in range(frames):
+        w.write(np.roll(canvas, i, axis=1))
+    w.release()
+    return path
+
+
+def test_video_writes_annotated_video_and_frame_table(tiny_model, tmp_path):
+    video = make_video(tmp_path / "clip.mp4")
+    r = run_cli("--video", video, "--model", tiny_model, "--out", tmp_path / "out", "--json", tmp_path / "v.json")
+    assert r.returncode == 0, r.stderr
+    cap = cv2.VideoCapture(str(tmp_path / "out" / "clip_emotions.mp4"))
+    assert int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) == 12
+    rows = list(csv.DictReader(open(tmp_path / "out" / "clip_frames.csv")))
+    records = json.loads((tmp_path / "v.json").read_text())
+    assert len(rows) == len(records) >= 10  # the face is found in (nearly) every frame
+    assert records[0]["frame"] == 0 and records[-1]["time"] == pytest.approx(records[-1]["frame"] / 10, abs=1e-3)
+
+
+def test_camera_path_runs_on_a_recorded_video(testpy, tiny_model, tmp_path):
+    """--camera's loop (run_stream with a show callback) on a recorded video: no camera or display here."""
+    rec = testpy.Recognizer(tiny_model, torch.device("cpu"))
+    shown = []
+
+    def show(frame):
+        shown.append(frame)
+        return len(shown) < 3  # the user pressing q after three frames
+
+    cap = cv2.VideoCapture(str(make_video(tmp_path / "clip.mp4")))
+    records, frames, _ = testpy.run_stream(rec, cap, "camera", show=show)
+    assert len(shown) == 3 and shown[0].shape == (240, 320, 3) and records and all(r["frame"] < 3 for r in records)
+
+
+def test_camera_missing_is_a_clear_error(tiny_model):
+    r = run_cli("--camera", "7", "--model", tiny_model)
+    assert r.returncode == 1 and "--camera 7" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--video", "missing.mp4"], "not found"),
+    (["x.jpg", "--scale-factor", "1.0"], "--scale-factor must be above 1.0"),
+    (["x.jpg", "--video", "y.mp4"], "one at a time"),
+])
+def test_flag_errors(tiny_model, tmp_path, args, needle):
+    r = run_cli(*args, "--model", tiny_model, "--out", tmp_path)
+    assert r.returncode in (1, 2) and needle in r.stderr and "Traceback" not in r.stderr
+
+
+def test_huge_photo_is_searched_downscaled(testpy, tiny_model, tmp_path):
+    big = np.full((8000, 8000, 3), 200, np.uint8)
+    hopper = cv2.imread(str(SAMPLE))
+    big[3000:3000 + hopper.shape[0] * 4, 3000:3000 + hopper.shape[1] * 4] = cv2.resize(hopper, None, fx=4, fy=4)
+    path = tmp_path / "big.jpg"
+    cv2.imwrite(str(path), big)
+    rec = testpy.Recognizer(tiny_model, torch.device("cpu"))
+    faces = rec.faces_in(testpy.read_image(path))
+    assert len(faces) == 1 and faces[0]["box"][0] > 3000 and faces[0]["box"][2] > 500
+
+
+def iou(a, b):
+    ix = max(0, min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0]))
+    iy = max(0, min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1]))
+    return ix * iy / (a[2] * a[3] + b[2] * b[3] - ix * iy)
+
+
+def detection_scores(testpy, **detector_args):
+    """(faces found, faces, false detections) on faces_dev's hand-drawn boxes, a hit being IoU >= 0.3."""
+    boxes = {}
+    for r in csv.DictReader(open(FACES_DEV / "boxes.csv")):
+        boxes.setdefault(r["image"], []).append([int(r[k]) for k in ("left", "top", "width", "height")])
+    cascade = common.load_face_detector()
+    found = false = 0
+    for name, truth in boxes.items():
+        matched = set()
+        for d in common.detect_faces(cascade, testpy.to_gray(testpy.read_image(FACES_DEV / name)), **detector_args):
+            j = max(range(len(truth)), key=lambda k: iou(d, truth[k]))
+            if iou(d, truth[j]) >= 0.3 and j not in matched:
+                matched.add(j)
+                found += 1
+            else:
+                false += 1
+    return found, sum(map(len, boxes.values())), false
+
+
+@pytest.mark.skipif(not (FACES_DEV / "boxes.csv").exists(),
+                    reason="../shared/data/faces_dev with hand-drawn boxes is absent (present in CI, not on a user's machine)")
+def test_detection_quality_holds(testpy):
+    # Measured when the defaults were tuned: OpenCV's usual settings (1.1, 5 neighbours) find 14 of 18
+    # faces with no false detection; ours (3 neighbours, level weight >= 0) find 17 with none.
+    assert detection_scores(testpy, min_neighbors=5, min_weight=-1e9) == (14, 18, 0)
+    found, total, false = detection_scores(testpy)
+    assert found >= 17 and false == 0, (found, total, false)
