@@ -1,0 +1,80 @@
+"""train.py under torchrun: two CPU processes (gloo) write one checkpoint whose metrics a single process confirms."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from common import load_checkpoint, model_from_checkpoint, predict_proba
+from conftest import ROOT, synthetic_faces, write_csv
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="this PyTorch build has no torch.distributed")
+
+
+def torchrun(*args, nproc=2):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           str(ROOT / "train.py"), *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory, preparation):
+    tmp = tmp_path_factory.mktemp("ddp")
+    faces, labels = synthetic_faces(140, seed=3)
+    usage = ["Training"] * 112 + ["PublicTest"] * 28
+    csv = write_csv(tmp / "fer.csv", faces, labels, layout="orig", usage=usage)
+    preparation.main(preparation.parse_args(["--csv", str(csv), "--out", str(tmp / "fd"), "--no-progress"]))
+    return tmp / "fd"
+
+
+def run_two(data, out):
+    return torchrun("--data", data / "Train data", "--out", out, "--epochs", "2", "--batch-size", "8",
+                    "--no-progress", "--seed", "5")
+
+
+def test_two_processes_write_one_checkpoint_that_a_single_process_confirms(data, tmp_path, train):
+    out = tmp_path / "m" / "ddp.pt"
+    r = run_two(data, out)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("epoch   2/2") == 1, "logs come from rank 0 only"
+    assert "2 processes (torchrun)" in r.stdout
+    written = sorted(p.name for p in out.parent.iterdir())
+    assert written == ["ddp.confusion_counts.png", "ddp.confusion_normalized.png", "ddp.last.pt",
+                       "ddp.metrics.json", "ddp.pt", "ddp.training_curves.png"]
+    ck = load_checkpoint(out)
+    model = model_from_checkpoint(ck, torch.device("cpu"))
+    metrics = json.loads(out.with_name("ddp.metrics.json").read_text())
+    assert metrics["processes"] == 2 and metrics["validation"]["n"] == 28
+    # The same weights scored in one process, on the same validation folder, give the recorded figures.
+    faces, labels, classes, _ = train.load_image_folder(data / "Test data", progress=False)
+    assert classes == ck["class_names"]
+    pred = predict_proba(model, faces, torch.device("cpu"), tta=True).argmax(1).numpy()
+    single = train.metrics_from_confusion(np.bincount(labels * 7 + pred, minlength=49).reshape(7, 7))
+    assert abs(single["accuracy"] - ck["metrics"]["accuracy"]) <= 1 / 28 + 1e-9
+    assert abs(single["accuracy"] - metrics["validation"]["accuracy"]) <= 1 / 28 + 1e-9
+
+
+def test_same_seed_same_processes_same_weights(data, tmp_path):
+    a, b = tmp_path / "a" / "m.pt", tmp_path / "b" / "m.pt"
+    for out in (a, b):
+        r = run_two(data, out)
+        assert r.returncode == 0, r.stderr[-3000:]
+    sa, sb = load_checkpoint(a.with_name("m.last.pt"))["state_dict"], load_checkpoint(b.with_name("m.last.pt"))["state_dict"]
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_metrics_from_confusion_match_scikit_learn(train):
+    from sklearn.metrics import f1_score, precision_recall_fscore_support
+
+    rng = np.random.default_rng(0)
+    y, p = rng.integers(0, 7, 300), rng.integers(0, 6, 300)  # class 6 never predicted: precision 0
+    y[y == 5] = 4  # class 5 never true: recall 0
+    m = train.metrics_from_confusion(np.bincount(y * 7 + p, minlength=49).reshape(7, 7))
+    pr, rc, f1, _ = precision_recall_fscore_support(y, p, labels=range(7), zero_division=0)
+    assert np.allclose(m["per_class"]["precision"], pr) and np.allclose(m["per_class"]["recall"], rc)
+    assert np.allclose(m["per_class"]["f1"], f1) and m["accuracy"] == pytest.approx((y == p).mean())
+    assert m["macro_f1"] == pytest.approx(f1_score(y, p, labels=range(7), average="macro", zero_division=0))
