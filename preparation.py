@@ -14,7 +14,6 @@ import gzip
 import io
 import os
 import shutil
-import sys
 import tempfile
 import time
 import zlib

@@ -79,7 +79,7 @@ def load_image_folder(root, progress=True):
     return np.stack(faces), np.array(labels, dtype=np.int64), list(ds.classes), skipped
 
 
-def load_val_source(path, classes, progress=True):
+def load_val_source(path, classes, progress=True, log=print):
     """Validation faces and labels (in `classes` order) from a folder like Train data or a FER2013 CSV."""
     path = Path(path)
     if path.is_file() and path.name.endswith((".csv", ".csv.gz")):
@@ -90,7 +90,7 @@ def load_val_source(path, classes, progress=True):
     else:
         faces, labels, val_classes, skipped = load_image_folder(path, progress)
         if skipped:
-            print(f"skipped {len(skipped)} unreadable validation images, first {skipped[0][0]}")
+            log(f"skipped {len(skipped)} unreadable validation images, first {skipped[0][0]}")
         names = [val_classes[t] for t in labels]
     missing = sorted(set(names) - set(classes))
     if missing:
@@ -415,9 +415,6 @@ def parse_args(argv=None):
     return args
 
 
-builtins_print = print
-
-
 def main(args):
     device, procs = setup_processes(args.device)
     try:
@@ -433,30 +430,30 @@ def train(args, device, procs):
     from torch.optim.swa_utils import AveragedModel
 
     torch.set_float32_matmul_precision("high")
-    print = builtins_print if procs.main else (lambda *a, **k: None)  # noqa: A001 - logs from rank 0 only
+    log = print if procs.main else (lambda *a, **k: None)  # under torchrun, rank 0 speaks for all
     fp16 = device.type == "cuda" and args.bf16 and not torch.cuda.is_bf16_supported()
     uses_bf16 = args.bf16 and not fp16 and (device.type == "cuda" or (device.type == "cpu" and cpu_has_bf16()))
     precision = "bfloat16 autocast" if uses_bf16 else "float16 autocast" if fp16 else "float32"
     workers = f", {procs.world} processes (torchrun)" if procs.world > 1 else ""
-    print(f"device: {device}, {precision}, {torch.get_num_threads()} threads{workers}")
+    log(f"device: {device}, {precision}, {torch.get_num_threads()} threads{workers}")
     progress = not args.no_progress and procs.main
     set_seed(args.seed)
 
     faces, labels, classes, skipped = load_image_folder(args.data, progress)
     if skipped:
-        print(f"skipped {len(skipped)} unreadable images in {args.data} (first: {skipped[0][0]}: {skipped[0][1]})")
+        log(f"skipped {len(skipped)} unreadable images in {args.data} (first: {skipped[0][0]}: {skipped[0][1]})")
     val_src = args.val
     if val_src is None and (args.data.parent / "Test data").is_dir() and args.data.name != "Test data":
         val_src = args.data.parent / "Test data"
     if val_src is not None:
-        val_faces, val_labels = load_val_source(val_src, classes, progress)
+        val_faces, val_labels = load_val_source(val_src, classes, progress, log)
         val_name = Path(val_src).name
     else:
         tr, va = stratified_split(labels, VAL_FRACTION, args.seed)
         val_faces, val_labels = faces[va], labels[va]
         faces, labels = faces[tr], labels[tr]
         val_name = f"hold-out {VAL_FRACTION:.0%} of {args.data.name}"
-    print(f"classes: {', '.join(classes)}; {len(faces)} training images, {len(val_faces)} validation ({val_name})")
+    log(f"classes: {', '.join(classes)}; {len(faces)} training images, {len(val_faces)} validation ({val_name})")
 
     # uint8 on the training device: 66 MB for FER2013, so a GPU augments and trains without a loader.
     train_faces, train_labels = torch.from_numpy(faces).to(device), torch.from_numpy(labels).to(device)
@@ -498,10 +495,10 @@ def train(args, device, procs):
         if scaler is not None and "scaler" in ck:
             scaler.load_state_dict(ck["scaler"])
         start_epoch, history, best = ck["epoch"], ck["history"], ck.get("best")
-        print(f"resuming from {args.resume} after epoch {start_epoch}")
+        log(f"resuming from {args.resume} after epoch {start_epoch}")
 
     n_params = count_parameters(model)
-    print(f"model: {DEFAULT_ARCH} {DEFAULT_ARCH_ARGS}, {n_params:,} parameters")
+    log(f"model: {DEFAULT_ARCH} {DEFAULT_ARCH_ARGS}, {n_params:,} parameters")
     train_args = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     run_start = time.time() - sum(h["seconds"] for h in history)
     saved_model = False
@@ -515,7 +512,7 @@ def train(args, device, procs):
         history.append({"epoch": epoch + 1, "train_loss": loss, "train_acc": acc, "val_acc": metrics["accuracy"],
                         "val_macro_f1": metrics["macro_f1"], "seconds": seconds, "images_per_s": seen / seconds})
         is_best = best is None or metrics["accuracy"] > best["accuracy"]
-        print(f"epoch {epoch + 1:3d}/{args.epochs}  loss {loss:.4f}  train acc {acc:.4f}  val acc {metrics['accuracy']:.4f}"
+        log(f"epoch {epoch + 1:3d}/{args.epochs}  loss {loss:.4f}  train acc {acc:.4f}  val acc {metrics['accuracy']:.4f}"
               f"  macro-F1 {metrics['macro_f1']:.4f}  {seconds:.0f}s ({seen / seconds:.0f} img/s){'  *best' if is_best else ''}",
               flush=True)
         ckpt = {
@@ -560,7 +557,7 @@ def train(args, device, procs):
             "skipped_images": [str(p) for p, _ in skipped],
         }, paths["metrics"])
     procs.barrier()  # no process leaves before rank 0 has written the files
-    print(f"best validation accuracy {best['accuracy']:.4f} at epoch {best['epoch']}; model: {args.out}; "
+    log(f"best validation accuracy {best['accuracy']:.4f} at epoch {best['epoch']}; model: {args.out}; "
           f"plots: {paths['cm_counts'].parent}")
     return {"model": args.out, "best": best, "history": history, "paths": paths}
 

@@ -1,5 +1,4 @@
 """test.py: reading any photo, annotating faces, bad inputs, and --eval."""
-import io
 import json
 import subprocess
 import sys
