@@ -241,6 +241,9 @@ def atomic_save(obj, path, backup=False):
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it owner-only; a model file is for everyone who can read the folder
     try:
         torch.save(obj, tmp)
         if backup and path.exists():
