@@ -113,6 +113,7 @@ def test_camera_missing_is_a_clear_error(tiny_model):
     (["--video", "missing.mp4"], "not found"),
     (["x.jpg", "--scale-factor", "1.0"], "--scale-factor must be above 1.0"),
     (["x.jpg", "--video", "y.mp4"], "one at a time"),
+    (["x.jpg", "--detect-size", "10"], "--detect-size must be at least 24"),
 ])
 def test_flag_errors(tiny_model, tmp_path, args, needle):
     r = run_cli(*args, "--model", tiny_model, "--out", tmp_path)
@@ -163,3 +164,10 @@ def test_detection_quality_holds(testpy):
     assert detection_scores(testpy, min_neighbors=5, min_weight=-1e9) == (14, 18, 0)
     found, total, false = detection_scores(testpy)
     assert found >= 17 and false == 0, (found, total, false)
+
+
+def test_detect_size_defaults_by_mode(testpy):
+    assert testpy.parse_args(["x.jpg"]).detect_size == testpy.PHOTO_DETECT_SIZE
+    assert testpy.parse_args(["--video", "v.mp4"]).detect_size == testpy.VIDEO_DETECT_SIZE
+    assert testpy.parse_args(["--camera", "0"]).detect_size == testpy.VIDEO_DETECT_SIZE
+    assert testpy.parse_args(["--video", "v.mp4", "--detect-size", "640"]).detect_size == 640
