@@ -1,0 +1,148 @@
+"""Measure training and inference speed on this machine (a benchmark to rerun, not a test).
+
+    python benchmark.py                 # medians of 5 runs each
+    python benchmark.py --runs 9 --model models/Facial_Emotion_Recognizer.pt
+
+Prints, as medians of --runs runs: training images/s in float32 and bfloat16 (one optimiser step
+on a batch of synthetic faces, augmentation included), inference faces/s one at a time and in
+batches, test.py's work on one photo (detection and classification apart), and how close
+training runs to the CPU's limit: training FLOPs per image times images/s over a large bfloat16
+matmul's FLOP/s, measured in the same run.
+"""
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from common import (REPO_ROOT, autocast_for, build_model, cpu_has_bf16, crop_face, detect_faces, load_checkpoint,
+                    load_face_detector, model_from_checkpoint, predict_proba, to_input)
+
+
+def median_time(fn, runs, warmup=2):
+    """Median seconds of `fn()` over `runs` runs after `warmup` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def train_step_fn(model, batch, bf16, device):
+    """One augmented training step on a synthetic batch, as train.py does it."""
+    from train import augment
+
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
+    faces = torch.randint(0, 256, (batch, 48, 48), dtype=torch.uint8)
+    y = torch.randint(0, 7, (batch,))
+    gen = torch.Generator().manual_seed(0)
+
+    def step():
+        x = augment(to_input(faces), gen).contiguous(memory_format=torch.channels_last)
+        with autocast_for(device, bf16):
+            loss = F.cross_entropy(model(x).float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return step
+
+
+def training_flops_per_image(model, batch=32):
+    """Forward plus backward FLOPs per image, counted by torch.utils.flop_counter."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.randn(batch, 1, 48, 48)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        model(x).sum().backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops() / batch
+
+
+def matmul_flops(bf16, runs, n=2048):
+    """FLOP/s of a large n x n matmul in bfloat16 (or float32)."""
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    return 2 * n ** 3 / median_time(lambda: a @ b, runs)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Training and inference speed on this machine.")
+    p.add_argument("--model", type=Path, default=REPO_ROOT / "models" / "Facial_Emotion_Recognizer.pt",
+                   help="model file whose architecture is measured (default: the shipped model)")
+    p.add_argument("--photo", type=Path, default=REPO_ROOT / "samples" / "grace_hopper.jpg",
+                   help="photo for the test.py latency (default: samples/grace_hopper.jpg)")
+    p.add_argument("--runs", type=int, default=5, help="timed runs per figure (default: 5)")
+    p.add_argument("--batch-size", type=int, default=128, help="training and inference batch (default: 128)")
+    return p.parse_args(argv)
+
+
+def main(args):
+    device = torch.device("cpu")
+    ckpt = load_checkpoint(args.model)
+    results = {"threads": torch.get_num_threads(), "bf16_supported": cpu_has_bf16()}
+    print(f"{ckpt['arch']} {ckpt['arch_args']}, {torch.get_num_threads()} threads, "
+          f"bf16 {'native' if results['bf16_supported'] else 'emulated'}; medians of {args.runs} runs")
+
+    for bf16 in (False, True):
+        torch.manual_seed(0)
+        model = build_model(ckpt["arch"], ckpt["arch_args"], len(ckpt["class_names"])).to(memory_format=torch.channels_last)
+        model.train()
+        s = median_time(train_step_fn(model, args.batch_size, bf16, device), args.runs)
+        key = "bf16" if bf16 else "fp32"
+        results[f"train_img_s_{key}"] = args.batch_size / s
+        print(f"training {key}: {args.batch_size / s:8.0f} images/s  (batch {args.batch_size})")
+
+    model = model_from_checkpoint(ckpt, device)
+    faces = np.random.default_rng(0).integers(0, 256, (1024, 48, 48), dtype=np.uint8)
+    one = faces[:1]
+    s1 = median_time(lambda: predict_proba(model, one, device), args.runs * 4)
+    sb = median_time(lambda: predict_proba(model, faces, device, batch_size=args.batch_size * 2), args.runs)
+    results.update(infer_one_face_s=1 / s1, infer_batched_faces_s=len(faces) / sb)
+    print(f"inference, one face at a time: {1 / s1:8.0f} faces/s   batched: {len(faces) / sb:8.0f} faces/s "
+          "(both with the mirror-image average)")
+
+    from test import read_image, to_gray
+
+    cascade = load_face_detector()
+    bgr = read_image(args.photo)
+    gray = to_gray(bgr)
+    boxes = detect_faces(cascade, gray)
+    sd = median_time(lambda: detect_faces(cascade, to_gray(bgr)), args.runs)
+    crops = np.stack([crop_face(gray, b) for b in boxes]) if boxes else faces[:1]
+    sc = median_time(lambda: predict_proba(model, crops, device), args.runs)
+    results.update(photo_detect_ms=sd * 1e3, photo_classify_ms=sc * 1e3, photo_faces=len(boxes))
+    print(f"test.py on {args.photo.name} ({bgr.shape[1]}x{bgr.shape[0]}, {len(boxes)} faces): "
+          f"detection {sd * 1e3:.1f} ms, classification {sc * 1e3:.1f} ms")
+
+    import cv2
+    from test import VIDEO_DETECT_SIZE, Recognizer, annotate
+
+    rec = Recognizer(args.model, device, detect_size=VIDEO_DETECT_SIZE)  # as test.py --video and --camera
+    frame = np.zeros((480, 640, 3), np.uint8)  # the photo letterboxed into a 640x480 video frame
+    fit = cv2.resize(bgr, None, fx=min(640 / bgr.shape[1], 480 / bgr.shape[0]), fy=min(640 / bgr.shape[1], 480 / bgr.shape[0]),
+                     interpolation=cv2.INTER_AREA)
+    frame[:fit.shape[0], :fit.shape[1]] = fit
+    sv = median_time(lambda: annotate(frame.copy(), rec.faces_in(frame)), args.runs * 4)
+    results.update(video_640x480_fps=1 / sv, video_faces=len(rec.faces_in(frame)))
+    print(f"video, 640x480 frame ({results['video_faces']} faces, detection at {VIDEO_DETECT_SIZE} px): "
+          f"{1 / sv:.1f} frames/s (detection, classification, drawing)")
+
+    flops = training_flops_per_image(build_model(ckpt["arch"], ckpt["arch_args"], len(ckpt["class_names"])))
+    peak = matmul_flops(True, args.runs)
+    peak32 = matmul_flops(False, args.runs)
+    used = flops * results["train_img_s_bf16"]
+    results.update(train_flops_per_image=flops, matmul_flops_bf16=peak, matmul_flops_fp32=peak32, utilisation=used / peak)
+    print(f"training: {flops / 1e9:.2f} GFLOP/image x {results['train_img_s_bf16']:.0f} images/s = {used / 1e12:.2f} TFLOP/s;"
+          f" bf16 matmul {peak / 1e12:.2f} TFLOP/s (fp32 {peak32 / 1e12:.2f}): {used / peak:.0%} of the CPU's bf16 limit")
+    return results
+
+
+if __name__ == "__main__":
+    main(parse_args())
