@@ -531,7 +531,8 @@ def train(args, device, procs):
             }
             best = {"epoch": epoch + 1, "accuracy": metrics["accuracy"], "metrics": best_metrics}
         if not procs.main:
-            continue  # files are rank 0's
+            procs.barrier()  # wait for rank 0's files, so a fault in any process leaves this epoch saved
+            continue
         if is_best:
             # The first save of a fresh run keeps the model it replaces as *.bak.pt.
             atomic_save({**ckpt, "state_dict": ema.module.state_dict(), "metrics": best_metrics}, args.out,
@@ -556,6 +557,7 @@ def train(args, device, procs):
             "device": str(device), "bf16": uses_bf16, "threads": torch.get_num_threads(), "processes": procs.world,
             "skipped_images": [str(p) for p, _ in skipped],
         }, paths["metrics"])
+        procs.barrier()
     procs.barrier()  # no process leaves before rank 0 has written the files
     log(f"best validation accuracy {best['accuracy']:.4f} at epoch {best['epoch']}; model: {args.out}; "
           f"plots: {paths['cm_counts'].parent}")

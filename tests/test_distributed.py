@@ -78,3 +78,37 @@ def test_metrics_from_confusion_match_scikit_learn(train):
     assert np.allclose(m["per_class"]["precision"], pr) and np.allclose(m["per_class"]["recall"], rc)
     assert np.allclose(m["per_class"]["f1"], f1) and m["accuracy"] == pytest.approx((y == p).mean())
     assert m["macro_f1"] == pytest.approx(f1_score(y, p, labels=range(7), average="macro", zero_division=0))
+
+
+INTERRUPT_AFTER_FIRST_EPOCH = """
+import sys
+sys.path.insert(0, {root!r})
+import train
+from common import run_main
+
+real = train.train_one_epoch
+def once(*args, **kwargs):
+    if args[8] == 1:  # the second epoch: stop as Ctrl-C would, after epoch 1's checkpoint
+        raise KeyboardInterrupt
+    return real(*args, **kwargs)
+train.train_one_epoch = once
+run_main(train.main, train.parse_args(sys.argv[1:]))
+"""
+
+
+def test_resume_under_torchrun_matches_uninterrupted_run(data, tmp_path):
+    script = tmp_path / "interrupted_train.py"
+    script.write_text(INTERRUPT_AFTER_FIRST_EPOCH.format(root=str(ROOT)))
+    args = ["--data", data / "Train data", "--epochs", "2", "--batch-size", "8", "--no-progress", "--seed", "5"]
+    whole = tmp_path / "whole" / "m.pt"
+    assert run_two(data, whole).returncode == 0
+    cut = tmp_path / "cut" / "m.pt"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+                        *map(str, args), "--out", str(cut)], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode != 0 and load_checkpoint(cut.with_name("m.last.pt"))["epoch"] == 1, r.stderr[-2000:]
+    r = torchrun(*args, "--out", cut, "--resume", cut.with_name("m.last.pt"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = load_checkpoint(whole.with_name("m.last.pt")), load_checkpoint(cut.with_name("m.last.pt"))
+    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+    assert all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"])
