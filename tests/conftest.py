@@ -1,14 +1,19 @@
 """Shared fixtures: the scripts loaded by path, synthetic FER2013 CSVs, and where ../shared is."""
 import importlib.util
+import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared" / "data"
 sys.path.insert(0, str(ROOT))
+
+import common  # noqa: E402
+from common import EMOTIONS  # noqa: E402
 
 
 def load_script(name):
@@ -62,3 +67,19 @@ def testpy():
 def small_csv(tmp_path):
     faces, labels = synthetic_faces(70)
     return write_csv(tmp_path / "small.csv", faces, labels), faces, labels
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """An untrained model file: enough to check the plumbing, not the accuracy."""
+    torch.manual_seed(0)
+    model = common.build_model("EmotionNet", {"widths": [8, 8, 8, 8]}, 7)
+    path = tmp_path_factory.mktemp("model") / "tiny.pt"
+    common.atomic_save({"format_version": 1, "arch": "EmotionNet", "arch_args": {"widths": [8, 8, 8, 8]},
+                        "class_names": sorted(EMOTIONS), "input_size": 48, "mean": 0.5, "std": 0.25,
+                        "state_dict": model.state_dict(), "epoch": 0}, path)
+    return path
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, str(ROOT / "test.py"), *map(str, args)], capture_output=True, text=True)

@@ -14,10 +14,10 @@ from conftest import ROOT, synthetic_faces, write_csv
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="this PyTorch build has no torch.distributed")
 
 
-def torchrun(*args, nproc=2):
+def torchrun(*args, nproc=2, script=ROOT / "train.py"):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           str(ROOT / "train.py"), *map(str, args)]
+           str(script), *map(str, args)]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
 
 
@@ -103,9 +103,7 @@ def test_resume_under_torchrun_matches_uninterrupted_run(data, tmp_path):
     whole = tmp_path / "whole" / "m.pt"
     assert run_two(data, whole).returncode == 0
     cut = tmp_path / "cut" / "m.pt"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
-                        *map(str, args), "--out", str(cut)], capture_output=True, text=True, env=env, timeout=300)
+    r = torchrun(*args, "--out", cut, script=script)
     assert r.returncode != 0 and load_checkpoint(cut.with_name("m.last.pt"))["epoch"] == 1, r.stderr[-2000:]
     r = torchrun(*args, "--out", cut, "--resume", cut.with_name("m.last.pt"))
     assert r.returncode == 0, r.stderr[-3000:]

@@ -1,7 +1,5 @@
 """test.py: reading any photo, annotating faces, bad inputs, and --eval."""
 import json
-import subprocess
-import sys
 
 import cv2
 import numpy as np
@@ -9,27 +7,10 @@ import pytest
 import torch
 from PIL import Image
 
-import common
 from common import EMOTIONS
-from conftest import ROOT, synthetic_faces, write_csv
+from conftest import run_cli, ROOT, synthetic_faces, write_csv
 
 SAMPLE = ROOT / "samples" / "grace_hopper.jpg"
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    """An untrained model file: enough to check the plumbing, not the accuracy."""
-    torch.manual_seed(0)
-    model = common.build_model("EmotionNet", {"widths": [8, 8, 8, 8]}, 7)
-    path = tmp_path_factory.mktemp("model") / "tiny.pt"
-    common.atomic_save({"format_version": 1, "arch": "EmotionNet", "arch_args": {"widths": [8, 8, 8, 8]},
-                        "class_names": sorted(EMOTIONS), "input_size": 48, "mean": 0.5, "std": 0.25,
-                        "state_dict": model.state_dict(), "epoch": 0}, path)
-    return path
-
-
-def run_cli(*args):
-    return subprocess.run([sys.executable, str(ROOT / "test.py"), *map(str, args)], capture_output=True, text=True)
 
 
 def save(img, path, **kw):

@@ -1,8 +1,6 @@
 """test.py as an everyday tool: folders, structured output, video, camera, --no-detect, detection quality."""
 import csv
 import json
-import subprocess
-import sys
 
 import cv2
 import numpy as np
@@ -11,25 +9,10 @@ import torch
 
 import common
 from common import EMOTIONS
-from conftest import ROOT, SHARED
+from conftest import run_cli, ROOT, SHARED
 
 SAMPLE = ROOT / "samples" / "grace_hopper.jpg"
 FACES_DEV = SHARED / "faces_dev"
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    torch.manual_seed(0)
-    model = common.build_model("EmotionNet", {"widths": [8, 8, 8, 8]}, 7)
-    path = tmp_path_factory.mktemp("model") / "tiny.pt"
-    common.atomic_save({"format_version": 1, "arch": "EmotionNet", "arch_args": {"widths": [8, 8, 8, 8]},
-                        "class_names": sorted(EMOTIONS), "input_size": 48, "mean": 0.5, "std": 0.25,
-                        "state_dict": model.state_dict(), "epoch": 0}, path)
-    return path
-
-
-def run_cli(*args):
-    return subprocess.run([sys.executable, str(ROOT / "test.py"), *map(str, args)], capture_output=True, text=True)
 
 
 def test_folders_json_and_csv(tiny_model, tmp_path):
