@@ -79,7 +79,8 @@ def parse_args(argv=None):
     p.add_argument("--photo", type=Path, default=REPO_ROOT / "samples" / "grace_hopper.jpg",
                    help="photo for the test.py latency (default: samples/grace_hopper.jpg)")
     p.add_argument("--runs", type=int, default=5, help="timed runs per figure (default: 5)")
-    p.add_argument("--batch-size", type=int, default=128, help="training and inference batch (default: 128)")
+    p.add_argument("--batch-size", type=int, default=128, help="training batch; inference uses twice it (default: 128)")
+    p.add_argument("--json", type=Path, default=None, help="also write the figures to this JSON file (default: none)")
     return p.parse_args(argv)
 
 
@@ -104,9 +105,10 @@ def main(args):
     one = faces[:1]
     s1 = median_time(lambda: predict_proba(model, one, device), args.runs * 4)
     sb = median_time(lambda: predict_proba(model, faces, device, batch_size=args.batch_size * 2), args.runs)
-    results.update(infer_one_face_s=1 / s1, infer_batched_faces_s=len(faces) / sb)
+    sn = median_time(lambda: predict_proba(model, faces, device, tta=False, batch_size=args.batch_size * 2), args.runs)
+    results.update(infer_one_face_s=1 / s1, infer_batched_faces_s=len(faces) / sb, infer_batched_no_tta_faces_s=len(faces) / sn)
     print(f"inference, one face at a time: {1 / s1:8.0f} faces/s   batched: {len(faces) / sb:8.0f} faces/s "
-          "(both with the mirror-image average)")
+          f"(both with the mirror-image average, as test.py)   batched without it: {len(faces) / sn:8.0f} faces/s")
 
     from test import read_image, to_gray
 
@@ -141,6 +143,11 @@ def main(args):
     results.update(train_flops_per_image=flops, matmul_flops_bf16=peak, matmul_flops_fp32=peak32, utilisation=used / peak)
     print(f"training: {flops / 1e9:.2f} GFLOP/image x {results['train_img_s_bf16']:.0f} images/s = {used / 1e12:.2f} TFLOP/s;"
           f" bf16 matmul {peak / 1e12:.2f} TFLOP/s (fp32 {peak32 / 1e12:.2f}): {used / peak:.0%} of the CPU's bf16 limit")
+    if args.json:
+        import json
+
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"model": str(args.model), "runs": args.runs, **results}, indent=1) + "\n")
     return results
 
 

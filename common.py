@@ -98,6 +98,18 @@ class EmotionNet(nn.Module):
 ARCHITECTURES = {"EmotionNet": EmotionNet}
 
 
+def fuse_for_inference(model):
+    """An eval-mode copy of `model` with each BatchNorm folded into the convolution before it.
+
+    The same function as the model's in float32 (to rounding); under bfloat16 a few borderline
+    faces can change class, so train.py scores with the fused copy too and its recorded accuracy
+    is the one test.py --eval finds.
+    """
+    from torch.fx.experimental.optimization import fuse
+
+    return fuse(model.eval()).to(memory_format=torch.channels_last).eval()
+
+
 def build_model(arch, arch_args, num_classes):
     """The model named `arch`, built with its keyword arguments."""
     if arch not in ARCHITECTURES:
@@ -272,15 +284,16 @@ def load_checkpoint(path):
     return ckpt
 
 
-def model_from_checkpoint(ckpt, device, path="model"):
-    """Rebuild the model a checkpoint describes and load its weights."""
+def model_from_checkpoint(ckpt, device, path="model", fuse=True):
+    """Rebuild the model a checkpoint describes and load its weights; with `fuse`, ready for inference only."""
     try:
         model = build_model(ckpt["arch"], ckpt.get("arch_args", {}), len(ckpt["class_names"]))
         model.load_state_dict(ckpt["state_dict"])
     except (RuntimeError, TypeError, KeyError) as e:
         raise UserError(f"model file {path} does not match architecture {ckpt.get('arch')!r} of this code "
                         f"({str(e).splitlines()[0][:120]}): retrain with train.py") from None
-    return model.to(device).to(memory_format=torch.channels_last).eval()
+    model = model.to(device).to(memory_format=torch.channels_last).eval()
+    return fuse_for_inference(model) if fuse else model
 
 
 def count_parameters(model):

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from common import (EMOTIONS, IMAGE_SIZE, NORM_MEAN, NORM_STD, CHECKPOINT_FORMAT, REPO_ROOT, UserError,
                     atomic_save, autocast_for, build_model, choose_device, count_parameters, cpu_has_bf16,
-                    load_checkpoint, predict_proba, run_main, set_seed, to_input)
+                    fuse_for_inference, load_checkpoint, predict_proba, run_main, set_seed, to_input)
 
 DEFAULT_ARCH = "EmotionNet"
 DEFAULT_ARCH_ARGS = {"widths": [32, 64, 128, 256], "blocks": [1, 1, 1, 1], "dropout": 0.3}
@@ -288,7 +288,8 @@ def evaluate(model, faces, labels, device, bf16, tta, n_classes=None, procs=Dist
     """
     k = n_classes or model.head.out_features
     mine = slice(procs.rank, None, procs.world)
-    pred = predict_proba(model, faces[mine], device, tta=tta, bf16=bf16).argmax(1).numpy()
+    # Scored as test.py scores it: BatchNorm folded into the convolutions (fuse_for_inference).
+    pred = predict_proba(fuse_for_inference(model), faces[mine], device, tta=tta, bf16=bf16).argmax(1).numpy()
     cm = np.bincount(np.asarray(labels[mine]) * k + pred, minlength=k * k).reshape(k, k)
     cm = np.rint(procs.sum(cm, device)).astype(np.int64)
     return metrics_from_confusion(cm)

@@ -35,6 +35,26 @@ def test_predict_proba_rows_sum_to_one():
     assert p.shape == (3, 7) and torch.allclose(p.sum(1), torch.ones(3), atol=1e-3)
 
 
+def test_fused_model_computes_the_same_function():
+    torch.manual_seed(0)
+    model = common.build_model("EmotionNet", {"widths": [8, 16, 16, 32], "blocks": [1, 2, 1, 1]}, 7)
+    with torch.no_grad():
+        for m in model.modules():  # BatchNorm statistics far from the identity, as after training
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-1, 1), m.running_var.uniform_(0.2, 3), m.weight.uniform_(0.5, 2)
+                m.bias.uniform_(-0.5, 0.5)
+    model.eval()
+    fused = common.fuse_for_inference(model)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())  # the original is left as it was
+    x = torch.randn(4, 1, 48, 48)
+    with torch.no_grad():
+        assert torch.allclose(model(x), fused(x), atol=1e-4)
+    faces = np.random.default_rng(0).integers(0, 256, (5, 48, 48), dtype=np.uint8)
+    p = common.predict_proba(fused, faces, torch.device("cpu"), bf16=False)
+    assert torch.allclose(p, common.predict_proba(model, faces, torch.device("cpu"), bf16=False), atol=1e-4)
+
+
 def tiny_checkpoint(**extra):
     model = common.build_model("EmotionNet", {"widths": [8, 8, 8, 8]}, 7)
     return model, {"format_version": common.CHECKPOINT_FORMAT, "arch": "EmotionNet", "arch_args": {"widths": [8, 8, 8, 8]},
