@@ -79,7 +79,7 @@ def parse_args(argv=None):
     p.add_argument("--photo", type=Path, default=REPO_ROOT / "samples" / "grace_hopper.jpg",
                    help="photo for the test.py latency (default: samples/grace_hopper.jpg)")
     p.add_argument("--runs", type=int, default=5, help="timed runs per figure (default: 5)")
-    p.add_argument("--batch-size", type=int, default=128, help="training batch; inference uses twice it (default: 128)")
+    p.add_argument("--batch-size", type=int, default=128, help="training batch (default: 128; inference batches as test.py does)")
     p.add_argument("--json", type=Path, default=None, help="also write the figures to this JSON file (default: none)")
     return p.parse_args(argv)
 
@@ -104,8 +104,8 @@ def main(args):
     faces = np.random.default_rng(0).integers(0, 256, (1024, 48, 48), dtype=np.uint8)
     one = faces[:1]
     s1 = median_time(lambda: predict_proba(model, one, device), args.runs * 4)
-    sb = median_time(lambda: predict_proba(model, faces, device, batch_size=args.batch_size * 2), args.runs)
-    sn = median_time(lambda: predict_proba(model, faces, device, tta=False, batch_size=args.batch_size * 2), args.runs)
+    sb = median_time(lambda: predict_proba(model, faces, device), args.runs)
+    sn = median_time(lambda: predict_proba(model, faces, device, tta=False), args.runs)
     results.update(infer_one_face_s=1 / s1, infer_batched_faces_s=len(faces) / sb, infer_batched_no_tta_faces_s=len(faces) / sn)
     print(f"inference, one face at a time: {1 / s1:8.0f} faces/s   batched: {len(faces) / sb:8.0f} faces/s "
           f"(both with the mirror-image average, as test.py)   batched without it: {len(faces) / sn:8.0f} faces/s")

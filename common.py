@@ -185,8 +185,11 @@ def crop_face(gray, box, size=IMAGE_SIZE):
 
 
 @torch.no_grad()
-def predict_proba(model, faces, device, mean=NORM_MEAN, std=NORM_STD, tta=True, batch_size=256, bf16=True):
-    """Class probabilities (N, C) for uint8 faces (N, 48, 48); with `tta`, averaged with the mirror image."""
+def predict_proba(model, faces, device, mean=NORM_MEAN, std=NORM_STD, tta=True, batch_size=64, bf16=True):
+    """Class probabilities (N, C) for uint8 faces (N, 48, 48); with `tta`, averaged with the mirror image.
+
+    Batches of 64 ran 25% faster than 256 on a 2-core EPYC (the activations stay in cache).
+    """
     model.eval()
     out = []
     for i in range(0, len(faces), batch_size):
