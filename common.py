@@ -287,16 +287,15 @@ def load_checkpoint(path):
     return ckpt
 
 
-def model_from_checkpoint(ckpt, device, path="model", fuse=True):
-    """Rebuild the model a checkpoint describes and load its weights; with `fuse`, ready for inference only."""
+def model_from_checkpoint(ckpt, device, path="model"):
+    """Rebuild the model a checkpoint describes and load its weights, fused for inference (fuse_for_inference)."""
     try:
         model = build_model(ckpt["arch"], ckpt.get("arch_args", {}), len(ckpt["class_names"]))
         model.load_state_dict(ckpt["state_dict"])
     except (RuntimeError, TypeError, KeyError) as e:
         raise UserError(f"model file {path} does not match architecture {ckpt.get('arch')!r} of this code "
                         f"({str(e).splitlines()[0][:120]}): retrain with train.py") from None
-    model = model.to(device).to(memory_format=torch.channels_last).eval()
-    return fuse_for_inference(model) if fuse else model
+    return fuse_for_inference(model.to(device))
 
 
 def count_parameters(model):
