@@ -1,7 +1,7 @@
 """Train the facial emotion CNN on the images preparation.py wrote.
 
     python train.py                                       # face_datasets/Train data -> models/
-    python train.py --val ../shared/data/fer2013/val.csv.gz      # the shipped model (70 epochs)
+    python train.py --val ../shared/data/fer2013/val.csv.gz      # the shipped model (60 epochs)
     python train.py --resume models/Facial_Emotion_Recognizer.last.pt   # continue an interrupted run
 
 Images are read once through torchvision's ImageFolder into memory; augmentation then runs on
@@ -281,18 +281,21 @@ def train_one_epoch(model, ema, faces, labels, optimizer, scheduler, device, arg
     return float(total_loss / seen), float(correct / seen), int(seen)
 
 
-def evaluate(model, faces, labels, device, bf16, tta, n_classes=None, procs=Dist()):
-    """Accuracy, macro-F1, confusion matrix and per-class report of `model` on uint8 faces.
+def evaluate(model, faces, labels, device, bf16, n_classes=None, procs=Dist()):
+    """(with, without test-time augmentation): accuracy, macro-F1, confusion matrix, per-class report.
 
+    Both from one pass over the uint8 faces (the mirror-image average needs the plain pass anyway).
     Under torchrun each process scores every world-th face and the confusion matrices are summed.
     """
     k = n_classes or model.head.out_features
     mine = slice(procs.rank, None, procs.world)
     # Scored as test.py scores it: BatchNorm folded into the convolutions (fuse_for_inference).
-    pred = predict_proba(fuse_for_inference(model), faces[mine], device, tta=tta, bf16=bf16).argmax(1).numpy()
-    cm = np.bincount(np.asarray(labels[mine]) * k + pred, minlength=k * k).reshape(k, k)
-    cm = np.rint(procs.sum(cm, device)).astype(np.int64)
-    return metrics_from_confusion(cm)
+    plain, averaged = predict_proba(fuse_for_inference(model), faces[mine], device, bf16=bf16, both=True)
+    out = []
+    for p in (averaged, plain):
+        cm = np.bincount(np.asarray(labels[mine]) * k + p.argmax(1).numpy(), minlength=k * k).reshape(k, k)
+        out.append(metrics_from_confusion(np.rint(procs.sum(cm, device)).astype(np.int64)))
+    return tuple(out)
 
 
 def metrics_from_confusion(cm):
@@ -379,6 +382,45 @@ def output_paths(out, plots_dir):
     }
 
 
+def save_epoch(args, epoch, model, ema, optimizer, scheduler, scaler, classes, history, best, is_best, first_save,
+               n_params, started, device, uses_bf16, procs, skipped):
+    """This epoch's files: the model when it is the best so far, the *.last.pt checkpoint, the metrics JSON."""
+    paths = output_paths(args.out, args.plots)
+    train_args = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    ckpt = {
+        "format_version": CHECKPOINT_FORMAT, "arch": DEFAULT_ARCH, "arch_args": DEFAULT_ARCH_ARGS,
+        "class_names": list(classes), "input_size": IMAGE_SIZE, "mean": NORM_MEAN, "std": NORM_STD,
+        "epoch": epoch + 1, "train_args": train_args,
+    }
+    if is_best:
+        # The first save of a fresh run keeps the model it replaces as *.bak.pt.
+        atomic_save({**ckpt, "state_dict": ema.module.state_dict(), "metrics": best["metrics"]}, args.out,
+                    backup=first_save and not args.resume)
+    last = {**ckpt, "state_dict": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "history": history, "best": best, "wall_seconds": time.time() - started}
+    if scaler is not None:
+        last["scaler"] = scaler.state_dict()
+    atomic_save(last, paths["last"])
+    write_json_atomic({
+        "model": str(args.out.name), "arch": DEFAULT_ARCH, "arch_args": DEFAULT_ARCH_ARGS, "parameters": n_params,
+        "class_names": list(classes), "best_epoch": best["epoch"], "epochs_run": epoch + 1,
+        "validation": best["metrics"],
+        "train_wall_seconds": time.time() - started,
+        "epoch_seconds": [h["seconds"] for h in history], "history": history, "train_args": train_args,
+        "device": str(device), "bf16": uses_bf16, "threads": torch.get_num_threads(), "processes": procs.world,
+        "skipped_images": [str(p) for p, _ in skipped],
+    }, paths["metrics"])
+
+
+def write_plots(best, history, classes, paths):
+    """Confusion matrices of the best epoch (counts and recall per class) and the training curves."""
+    m, name = best["metrics"], best["metrics"]["validation_set"]
+    plot_confusion(m["confusion"], classes, paths["cm_counts"], False, f"validation ({name}), epoch {best['epoch']}: counts")
+    plot_confusion(m["confusion"], classes, paths["cm_rates"], True,
+                   f"validation ({name}), epoch {best['epoch']}: recall per class")
+    plot_curves(history, paths["curves"])
+
+
 # ---------------------------------------------------------------------------------------------
 
 
@@ -392,7 +434,7 @@ def parse_args(argv=None):
     p.add_argument("--out", type=Path, default=REPO_ROOT / "models" / "Facial_Emotion_Recognizer.pt",
                    help="model file to write (default: models/Facial_Emotion_Recognizer.pt)")
     p.add_argument("--plots", type=Path, default=None, help="folder for plots (default: beside --out)")
-    p.add_argument("--epochs", type=int, default=70, help="training epochs (default: 70)")
+    p.add_argument("--epochs", type=int, default=60, help="training epochs (default: 60)")
     p.add_argument("--batch-size", type=int, default=128, help="batch size (default: 128)")
     p.add_argument("--lr", type=float, default=0.1, help="peak SGD learning rate of the one-cycle schedule (default: 0.1)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
@@ -430,6 +472,7 @@ def main(args):
 def train(args, device, procs):
     from torch.optim.swa_utils import AveragedModel
 
+    started = time.time()  # the wall time recorded counts data loading, validation and saving too
     torch.set_float32_matmul_precision("high")
     log = print if procs.main else (lambda *a, **k: None)  # under torchrun, rank 0 speaks for all
     fp16 = device.type == "cuda" and args.bf16 and not torch.cuda.is_bf16_supported()
@@ -496,69 +539,45 @@ def train(args, device, procs):
         if scaler is not None and "scaler" in ck:
             scaler.load_state_dict(ck["scaler"])
         start_epoch, history, best = ck["epoch"], ck["history"], ck.get("best")
+        started -= ck.get("wall_seconds", sum(h["seconds"] for h in history))
         log(f"resuming from {args.resume} after epoch {start_epoch}")
 
     n_params = count_parameters(model)
     log(f"model: {DEFAULT_ARCH} {DEFAULT_ARCH_ARGS}, {n_params:,} parameters")
-    train_args = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    run_start = time.time() - sum(h["seconds"] for h in history)
     saved_model = False
-    for epoch in range(start_epoch, args.epochs):
-        t0 = time.time()
-        loss, acc, seen = train_one_epoch(train_model, ema, train_faces, train_labels, optimizer, scheduler, device,
-                                          args, epoch, class_weights, progress, procs, scaler)
-        seconds = time.time() - t0
-        metrics = evaluate(ema.module, val_faces, val_labels, device, args.bf16, tta=True, n_classes=len(classes),
-                           procs=procs)
-        history.append({"epoch": epoch + 1, "train_loss": loss, "train_acc": acc, "val_acc": metrics["accuracy"],
-                        "val_macro_f1": metrics["macro_f1"], "seconds": seconds, "images_per_s": seen / seconds})
-        is_best = best is None or metrics["accuracy"] > best["accuracy"]
-        log(f"epoch {epoch + 1:3d}/{args.epochs}  loss {loss:.4f}  train acc {acc:.4f}  val acc {metrics['accuracy']:.4f}"
-              f"  macro-F1 {metrics['macro_f1']:.4f}  {seconds:.0f}s ({seen / seconds:.0f} img/s){'  *best' if is_best else ''}",
-              flush=True)
-        ckpt = {
-            "format_version": CHECKPOINT_FORMAT, "arch": DEFAULT_ARCH, "arch_args": DEFAULT_ARCH_ARGS,
-            "class_names": list(classes), "input_size": IMAGE_SIZE, "mean": NORM_MEAN, "std": NORM_STD,
-            "epoch": epoch + 1, "train_args": train_args,
-        }
-        if is_best:
-            without_tta = evaluate(ema.module, val_faces, val_labels, device, args.bf16, tta=False,
-                                   n_classes=len(classes), procs=procs)
-            best_metrics = {
-                "validation_set": val_name, "n": int(len(val_labels)), "accuracy": metrics["accuracy"],
-                "accuracy_no_tta": without_tta["accuracy"], "macro_f1": metrics["macro_f1"],
-                "per_class": {c: {k: v[i] for k, v in metrics["per_class"].items()} for i, c in enumerate(classes)},
-                "confusion": metrics["confusion"],
-            }
-            best = {"epoch": epoch + 1, "accuracy": metrics["accuracy"], "metrics": best_metrics}
-        if not procs.main:
-            procs.barrier()  # wait for rank 0's files, so a fault in any process leaves this epoch saved
-            continue
-        if is_best:
-            # The first save of a fresh run keeps the model it replaces as *.bak.pt.
-            atomic_save({**ckpt, "state_dict": ema.module.state_dict(), "metrics": best_metrics}, args.out,
-                        backup=not args.resume and not saved_model)
-            saved_model = True
-            plot_confusion(metrics["confusion"], classes, paths["cm_counts"], False,
-                           f"validation ({val_name}), epoch {epoch + 1}: counts")
-            plot_confusion(metrics["confusion"], classes, paths["cm_rates"], True,
-                           f"validation ({val_name}), epoch {epoch + 1}: recall per class")
-        last = {**ckpt, "state_dict": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "history": history, "best": best}
-        if scaler is not None:
-            last["scaler"] = scaler.state_dict()
-        atomic_save(last, paths["last"])
-        plot_curves(history, paths["curves"])
-        write_json_atomic({
-            "model": str(args.out.name), "arch": DEFAULT_ARCH, "arch_args": DEFAULT_ARCH_ARGS, "parameters": n_params,
-            "class_names": list(classes), "best_epoch": best["epoch"], "epochs_run": epoch + 1,
-            "validation": best["metrics"],
-            "train_wall_seconds": time.time() - run_start,
-            "epoch_seconds": [h["seconds"] for h in history], "history": history, "train_args": train_args,
-            "device": str(device), "bf16": uses_bf16, "threads": torch.get_num_threads(), "processes": procs.world,
-            "skipped_images": [str(p) for p, _ in skipped],
-        }, paths["metrics"])
-        procs.barrier()
+    try:
+        for epoch in range(start_epoch, args.epochs):
+            t0 = time.time()
+            loss, acc, seen = train_one_epoch(train_model, ema, train_faces, train_labels, optimizer, scheduler, device,
+                                              args, epoch, class_weights, progress, procs, scaler)
+            seconds = time.time() - t0
+            metrics, without_tta = evaluate(ema.module, val_faces, val_labels, device, args.bf16,
+                                            n_classes=len(classes), procs=procs)
+            history.append({"epoch": epoch + 1, "train_loss": loss, "train_acc": acc, "val_acc": metrics["accuracy"],
+                            "val_acc_no_tta": without_tta["accuracy"], "val_macro_f1": metrics["macro_f1"],
+                            "seconds": seconds, "images_per_s": seen / seconds})
+            is_best = best is None or metrics["accuracy"] > best["accuracy"]
+            log(f"epoch {epoch + 1:3d}/{args.epochs}  loss {loss:.4f}  train acc {acc:.4f}  val acc {metrics['accuracy']:.4f}"
+                f"  macro-F1 {metrics['macro_f1']:.4f}  {seconds:.0f}s ({seen / seconds:.0f} img/s){'  *best' if is_best else ''}",
+                flush=True)
+            if is_best:
+                best = {"epoch": epoch + 1, "accuracy": metrics["accuracy"], "metrics": {
+                    "validation_set": val_name, "n": int(len(val_labels)), "accuracy": metrics["accuracy"],
+                    "accuracy_no_tta": without_tta["accuracy"], "macro_f1": metrics["macro_f1"],
+                    "per_class": {c: {k: v[i] for k, v in metrics["per_class"].items()} for i, c in enumerate(classes)},
+                    "confusion": metrics["confusion"],
+                }}
+            if procs.main:
+                save_epoch(args, epoch, model, ema, optimizer, scheduler, scaler, classes, history, best, is_best,
+                           first_save=not saved_model, n_params=n_params, started=started, device=device,
+                           uses_bf16=uses_bf16, procs=procs, skipped=skipped)
+                saved_model = saved_model or is_best
+            # Every process waits for rank 0's files, so a fault in any process leaves this epoch saved.
+            procs.barrier()
+    finally:
+        # Plots once, at the end (also of an interrupted run): per epoch they cost ~3 s of the 2 hours.
+        if procs.main and best is not None:
+            write_plots(best, history, classes, paths)
     procs.barrier()  # no process leaves before rank 0 has written the files
     log(f"best validation accuracy {best['accuracy']:.4f} at epoch {best['epoch']}; model: {args.out}; "
           f"plots: {paths['cm_counts'].parent}")
