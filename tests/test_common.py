@@ -35,6 +35,16 @@ def test_predict_proba_rows_sum_to_one():
     assert p.shape == (3, 7) and torch.allclose(p.sum(1), torch.ones(3), atol=1e-3)
 
 
+def test_predict_proba_both_is_plain_and_mirror_averaged():
+    torch.manual_seed(0)
+    model = common.build_model("EmotionNet", {"widths": [8, 8, 8, 8]}, 7)
+    faces = np.random.default_rng(1).integers(0, 256, (70, 48, 48), dtype=np.uint8)  # two batches of 64
+    plain, averaged = common.predict_proba(model, faces, torch.device("cpu"), bf16=False, both=True)
+    assert torch.allclose(plain, common.predict_proba(model, faces, torch.device("cpu"), bf16=False, tta=False))
+    assert torch.allclose(averaged, common.predict_proba(model, faces, torch.device("cpu"), bf16=False, tta=True))
+    assert not torch.allclose(plain, averaged)  # the mirror image changes the answer of a random net
+
+
 def test_fused_model_computes_the_same_function():
     torch.manual_seed(0)
     model = common.build_model("EmotionNet", {"widths": [8, 16, 16, 32], "blocks": [1, 2, 1, 1]}, 7)

@@ -94,6 +94,8 @@ def test_tiny_run_writes_everything(train, dataset, tmp_path):
     assert metrics["validation"]["validation_set"] == "Test data" and metrics["validation"]["n"] == 28
     assert set(metrics["validation"]["per_class"]) == set(EMOTIONS) and metrics["parameters"] > 0
     assert len(metrics["epoch_seconds"]) == 2 and "accuracy_no_tta" in metrics["validation"]
+    assert all(0 <= h["val_acc_no_tta"] <= 1 for h in metrics["history"])
+    assert metrics["train_wall_seconds"] >= sum(metrics["epoch_seconds"])
     for key in ("cm_counts", "cm_rates", "curves", "last"):
         assert res["paths"][key].stat().st_size > 0
 
@@ -122,9 +124,14 @@ def test_resume_matches_uninterrupted_run(train, dataset, tmp_path, monkeypatch)
         train.main(tiny_args(train, data, tmp_path / "b" / "m.pt"))
     monkeypatch.setattr(train, "train_one_epoch", real)
     assert torch.load(tmp_path / "b" / "m.last.pt", weights_only=True)["epoch"] == 1
+    # The plots are written at the end of a run, and an interrupted run is no exception.
+    assert (tmp_path / "b" / "m.confusion_counts.png").stat().st_size > 0
+    assert (tmp_path / "b" / "m.training_curves.png").stat().st_size > 0
+    wall_at_interrupt = json.loads((tmp_path / "b" / "m.metrics.json").read_text())["train_wall_seconds"]
     train.main(tiny_args(train, data, tmp_path / "b" / "m.pt", "--resume", str(tmp_path / "b" / "m.last.pt")))
     resumed = torch.load(tmp_path / "b" / "m.last.pt", weights_only=True)
     assert resumed["epoch"] == 2
+    assert json.loads((tmp_path / "b" / "m.metrics.json").read_text())["train_wall_seconds"] > wall_at_interrupt
     for k, v in full["state_dict"].items():
         assert torch.equal(v, resumed["state_dict"][k]), k
 
