@@ -42,3 +42,13 @@ def test_shipped_model_scores_what_it_records(tmp_path):
     assert scored["n"] == metrics["n"] == 3589
     assert abs(scored["accuracy"] - metrics["accuracy"]) <= 0.001, (scored["accuracy"], metrics["accuracy"])
     assert scored["accuracy"] >= 0.65
+
+
+def test_readme_states_the_recorded_accuracy():
+    """The README's results table quotes the shipped model's metrics JSON, not an older model's."""
+    metrics = json.loads(MODEL.with_name("Facial_Emotion_Recognizer.metrics.json").read_text())
+    v = metrics["validation"]
+    row = next((line for line in (ROOT / "README.md").read_text().splitlines()
+                if line.startswith("| **ours**, `models/Facial_Emotion_Recognizer.pt`")), "")
+    assert f"**{v['accuracy']:.1%}**" in row and f"({v['accuracy_no_tta']:.1%} without the mirror image)" in row, row
+    assert f"| {v['macro_f1']:.3f} |" in row and f"{metrics['train_args']['epochs']} epochs" in row, row
