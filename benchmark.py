@@ -2,6 +2,7 @@
 
     python benchmark.py                 # medians of 5 runs each
     python benchmark.py --runs 9 --model models/Facial_Emotion_Recognizer.pt
+    python benchmark.py --markdown models/benchmark.json   # the README's speed table from saved figures
 
 Prints, as medians of --runs runs: training images/s in float32 and bfloat16 (one optimiser step
 on a batch of synthetic faces, augmentation included), inference faces/s one at a time and in
@@ -81,10 +82,39 @@ def parse_args(argv=None):
     p.add_argument("--runs", type=int, default=5, help="timed runs per figure (default: 5)")
     p.add_argument("--batch-size", type=int, default=128, help="training batch (default: 128; inference batches as test.py does)")
     p.add_argument("--json", type=Path, default=None, help="also write the figures to this JSON file (default: none)")
+    p.add_argument("--markdown", type=Path, default=None, metavar="JSON",
+                   help="print the README's speed table from a JSON this script wrote, measuring nothing")
     return p.parse_args(argv)
 
 
+def markdown_table(r):
+    """The README's speed table from benchmark figures (a dict as --json writes it)."""
+    ratio = r["train_img_s_bf16"] / r["train_img_s_fp32"]
+    used = r["train_flops_per_image"] * r["train_img_s_bf16"]
+    rows = [
+        ("training, float32", f"{r['train_img_s_fp32']:,.0f} images/s"),
+        ("training, bfloat16 autocast + channels_last", f"{r['train_img_s_bf16']:,.0f} images/s ({ratio:.1f}x float32)"),
+        ("training FLOPs in use", f"{r['train_flops_per_image'] / 1e9:.2f} GFLOP/image x {r['train_img_s_bf16']:,.0f} "
+                                  f"images/s = {used / 1e12:.2f} TFLOP/s, {r['utilisation']:.0%} of a large bfloat16 "
+                                  f"matmul on the same cores ({r['matmul_flops_bf16'] / 1e12:.2f} TFLOP/s; float32 "
+                                  f"{r['matmul_flops_fp32'] / 1e12:.2f})"),
+        ("inference, one face at a time", f"{r['infer_one_face_s']:,.0f} faces/s"),
+        ("inference, batched, as `test.py` (each face classified as is and mirrored)",
+         f"{r['infer_batched_faces_s']:,.0f} faces/s"),
+        ("inference, batched, one pass per face", f"{r['infer_batched_no_tta_faces_s']:,.0f} faces/s"),
+        ("test.py on the sample photo", f"detection {r['photo_detect_ms']:.0f} ms, "
+                                        f"classification {r['photo_classify_ms']:.1f} ms"),
+        ("video, 640x480 frames (detection at 320 px)", f"{r['video_640x480_fps']:.0f} frames/s"),
+    ]
+    return "\n".join(["| | |", "| --- | --- |"] + [f"| {a} | {b} |" for a, b in rows])
+
+
 def main(args):
+    if args.markdown:
+        import json
+
+        print(markdown_table(json.loads(args.markdown.read_text())))
+        return None
     device = torch.device("cpu")
     ckpt = load_checkpoint(args.model)
     results = {"threads": torch.get_num_threads(), "bf16_supported": cpu_has_bf16()}

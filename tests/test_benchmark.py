@@ -1,7 +1,7 @@
 """benchmark.py runs end to end and writes every figure it prints (speed itself is not tested)."""
 import json
 
-from conftest import load_script
+from conftest import ROOT, load_script
 
 
 def test_benchmark_writes_its_figures(tmp_path):
@@ -14,3 +14,10 @@ def test_benchmark_writes_its_figures(tmp_path):
                 "train_flops_per_image", "matmul_flops_bf16", "utilisation"):
         assert saved[key] == results[key] and saved[key] > 0, key
     assert saved["photo_faces"] >= 1  # the sample photo has a face
+
+
+def test_readme_speed_table_is_the_saved_benchmark():
+    bench = load_script("benchmark")
+    table = bench.markdown_table(json.loads((ROOT / "models" / "benchmark.json").read_text()))
+    assert table in (ROOT / "README.md").read_text(), \
+        "README's speed table is not models/benchmark.json's: paste `python benchmark.py --markdown models/benchmark.json`"
