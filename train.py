@@ -14,6 +14,7 @@ import json
 import math
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -382,9 +383,27 @@ def output_paths(out, plots_dir):
     }
 
 
-def save_epoch(args, epoch, model, ema, optimizer, scheduler, scaler, classes, history, best, is_best, first_save,
-               n_params, started, device, uses_bf16, procs, skipped):
+@dataclass
+class Run:
+    """What one training run holds from start to end: what save_epoch() writes from."""
+    args: argparse.Namespace
+    model: torch.nn.Module
+    ema: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    scaler: object
+    classes: list
+    n_params: int
+    started: float
+    device: torch.device
+    uses_bf16: bool
+    procs: Dist
+    skipped: list
+
+
+def save_epoch(run, epoch, history, best, is_best, first_save):
     """This epoch's files: the model when it is the best so far, the *.last.pt checkpoint, the metrics JSON."""
+    args, model, ema, classes, started = run.args, run.model, run.ema, run.classes, run.started
     paths = output_paths(args.out, args.plots)
     train_args = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     ckpt = {
@@ -396,19 +415,20 @@ def save_epoch(args, epoch, model, ema, optimizer, scheduler, scaler, classes, h
         # The first save of a fresh run keeps the model it replaces as *.bak.pt.
         atomic_save({**ckpt, "state_dict": ema.module.state_dict(), "metrics": best["metrics"]}, args.out,
                     backup=first_save and not args.resume)
-    last = {**ckpt, "state_dict": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "history": history, "best": best, "wall_seconds": time.time() - started}
-    if scaler is not None:
-        last["scaler"] = scaler.state_dict()
+    last = {**ckpt, "state_dict": model.state_dict(), "ema": ema.state_dict(), "optimizer": run.optimizer.state_dict(),
+            "scheduler": run.scheduler.state_dict(), "history": history, "best": best,
+            "wall_seconds": time.time() - started}
+    if run.scaler is not None:
+        last["scaler"] = run.scaler.state_dict()
     atomic_save(last, paths["last"])
     write_json_atomic({
-        "model": str(args.out.name), "arch": DEFAULT_ARCH, "arch_args": DEFAULT_ARCH_ARGS, "parameters": n_params,
+        "model": str(args.out.name), "arch": DEFAULT_ARCH, "arch_args": DEFAULT_ARCH_ARGS, "parameters": run.n_params,
         "class_names": list(classes), "best_epoch": best["epoch"], "epochs_run": epoch + 1,
         "validation": best["metrics"],
         "train_wall_seconds": time.time() - started,
         "epoch_seconds": [h["seconds"] for h in history], "history": history, "train_args": train_args,
-        "device": str(device), "bf16": uses_bf16, "threads": torch.get_num_threads(), "processes": procs.world,
-        "skipped_images": [str(p) for p, _ in skipped],
+        "device": str(run.device), "bf16": run.uses_bf16, "threads": torch.get_num_threads(),
+        "processes": run.procs.world, "skipped_images": [str(p) for p, _ in run.skipped],
     }, paths["metrics"])
 
 
@@ -544,6 +564,8 @@ def train(args, device, procs):
 
     n_params = count_parameters(model)
     log(f"model: {DEFAULT_ARCH} {DEFAULT_ARCH_ARGS}, {n_params:,} parameters")
+    run = Run(args, model, ema, optimizer, scheduler, scaler, list(classes), n_params, started, device, uses_bf16, procs,
+              skipped)
     saved_model = False
     try:
         for epoch in range(start_epoch, args.epochs):
@@ -568,9 +590,7 @@ def train(args, device, procs):
                     "confusion": metrics["confusion"],
                 }}
             if procs.main:
-                save_epoch(args, epoch, model, ema, optimizer, scheduler, scaler, classes, history, best, is_best,
-                           first_save=not saved_model, n_params=n_params, started=started, device=device,
-                           uses_bf16=uses_bf16, procs=procs, skipped=skipped)
+                save_epoch(run, epoch, history, best, is_best, first_save=not saved_model)
                 saved_model = saved_model or is_best
             # Every process waits for rank 0's files, so a fault in any process leaves this epoch saved.
             procs.barrier()
