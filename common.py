@@ -200,8 +200,9 @@ def predict_proba(model, faces, device, mean=NORM_MEAN, std=NORM_STD, tta=True, 
             p = model(x).float().softmax(1)
             if tta or both:
                 averaged.append(((p + model(torch.flip(x, dims=[3])).float().softmax(1)) / 2).cpu())
-        plain.append(p.cpu())
-    if not plain:
+        if both or not tta:  # test.py's path wants only the averaged answers: no copy of the plain ones
+            plain.append(p.cpu())
+    if not len(faces):
         empty = torch.zeros(0, model.head.out_features)
         return (empty, empty.clone()) if both else empty
     if both:
