@@ -11,6 +11,7 @@ training runs to the CPU's limit: training FLOPs per image times images/s over a
 matmul's FLOP/s, measured in the same run.
 """
 import argparse
+import json
 import statistics
 import time
 from pathlib import Path
@@ -111,8 +112,6 @@ def markdown_table(r):
 
 def main(args):
     if args.markdown:
-        import json
-
         print(markdown_table(json.loads(args.markdown.read_text())))
         return None
     device = torch.device("cpu")
@@ -174,8 +173,6 @@ def main(args):
     print(f"training: {flops / 1e9:.2f} GFLOP/image x {results['train_img_s_bf16']:.0f} images/s = {used / 1e12:.2f} TFLOP/s;"
           f" bf16 matmul {peak / 1e12:.2f} TFLOP/s (fp32 {peak32 / 1e12:.2f}): {used / peak:.0%} of the CPU's bf16 limit")
     if args.json:
-        import json
-
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"model": str(args.model), "runs": args.runs, **results}, indent=1) + "\n")
     return results

@@ -403,7 +403,8 @@ class Run:
 
 def save_epoch(run, epoch, history, best, is_best, first_save):
     """This epoch's files: the model when it is the best so far, the *.last.pt checkpoint, the metrics JSON."""
-    args, model, ema, classes, started = run.args, run.model, run.ema, run.classes, run.started
+    args, model, ema, classes = run.args, run.model, run.ema, run.classes
+    wall = time.time() - run.started  # one figure for the checkpoint and the metrics JSON
     paths = output_paths(args.out, args.plots)
     train_args = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     ckpt = {
@@ -417,7 +418,7 @@ def save_epoch(run, epoch, history, best, is_best, first_save):
                     backup=first_save and not args.resume)
     last = {**ckpt, "state_dict": model.state_dict(), "ema": ema.state_dict(), "optimizer": run.optimizer.state_dict(),
             "scheduler": run.scheduler.state_dict(), "history": history, "best": best,
-            "wall_seconds": time.time() - started}
+            "wall_seconds": wall}
     if run.scaler is not None:
         last["scaler"] = run.scaler.state_dict()
     atomic_save(last, paths["last"])
@@ -425,7 +426,7 @@ def save_epoch(run, epoch, history, best, is_best, first_save):
         "model": str(args.out.name), "arch": DEFAULT_ARCH, "arch_args": DEFAULT_ARCH_ARGS, "parameters": run.n_params,
         "class_names": list(classes), "best_epoch": best["epoch"], "epochs_run": epoch + 1,
         "validation": best["metrics"],
-        "train_wall_seconds": time.time() - started,
+        "train_wall_seconds": wall,
         "epoch_seconds": [h["seconds"] for h in history], "history": history, "train_args": train_args,
         "device": str(run.device), "bf16": run.uses_bf16, "threads": torch.get_num_threads(),
         "processes": run.procs.world, "skipped_images": [str(p) for p, _ in run.skipped],
