@@ -13,6 +13,7 @@ import argparse
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ from common import (EMOTIONS, IMAGE_SIZE, NORM_MEAN, NORM_STD, CHECKPOINT_FORMAT
                     fuse_for_inference, load_checkpoint, predict_proba, run_main, set_seed, to_input)
 
 DEFAULT_ARCH = "EmotionNet"
+VAL_HELP = "pass a FER2013 CSV (.csv or .csv.gz) or a folder with one folder per emotion"
 DEFAULT_ARCH_ARGS = {"widths": [32, 64, 128, 256], "blocks": [1, 1, 1, 1], "dropout": 0.3}
 VAL_FRACTION = 0.1  # held out, stratified, when no validation set is given
 MIN_VAL_PER_CLASS = 1
@@ -83,7 +85,11 @@ def load_image_folder(root, progress=True):
 def load_val_source(path, classes, progress=True, log=print):
     """Validation faces and labels (in `classes` order) from a folder like Train data or a FER2013 CSV."""
     path = Path(path)
-    if path.is_file() and path.name.endswith((".csv", ".csv.gz")):
+    if not path.exists():
+        raise UserError(f"--val {path} not found: {VAL_HELP}")
+    if path.is_file() and not path.name.endswith((".csv", ".csv.gz")):
+        raise UserError(f"--val {path} is neither a .csv/.csv.gz file nor a folder: {VAL_HELP}")
+    if path.is_file():
         from preparation import read_csv
 
         faces, ids, _, _ = read_csv(path, progress=progress)
@@ -292,11 +298,10 @@ def evaluate(model, faces, labels, device, bf16, n_classes=None, procs=Dist()):
     mine = slice(procs.rank, None, procs.world)
     # Scored as test.py scores it: BatchNorm folded into the convolutions (fuse_for_inference).
     plain, averaged = predict_proba(fuse_for_inference(model), faces[mine], device, bf16=bf16, both=True)
-    out = []
-    for p in (averaged, plain):
-        cm = np.bincount(np.asarray(labels[mine]) * k + p.argmax(1).numpy(), minlength=k * k).reshape(k, k)
-        out.append(metrics_from_confusion(np.rint(procs.sum(cm, device)).astype(np.int64)))
-    return tuple(out)
+    cms = np.stack([np.bincount(np.asarray(labels[mine]) * k + p.argmax(1).numpy(), minlength=k * k).reshape(k, k)
+                    for p in (averaged, plain)])
+    cms = np.rint(procs.sum(cms, device)).astype(np.int64)  # one all-reduce for both matrices
+    return metrics_from_confusion(cms[0]), metrics_from_confusion(cms[1])
 
 
 def metrics_from_confusion(cm):
@@ -473,6 +478,8 @@ def parse_args(argv=None):
             p.error(f"--{flag.replace('_', '-')} must be at least 1")
     if args.lr <= 0:
         p.error("--lr must be positive")
+    if args.val is not None and not args.val.exists():  # before minutes of loading the training images
+        p.error(f"--val {args.val} not found: {VAL_HELP}")
     args.weight_decay = 5e-4
     args.label_smoothing = 0.1
     args.ema_decay = 0.999
@@ -595,10 +602,17 @@ def train(args, device, procs):
                 saved_model = saved_model or is_best
             # Every process waits for rank 0's files, so a fault in any process leaves this epoch saved.
             procs.barrier()
-    finally:
-        # Plots once, at the end (also of an interrupted run): per epoch they cost ~3 s of the 2 hours.
+    except BaseException:
+        # An interrupted or failed run still leaves its plots, but the first error is the one reported.
         if procs.main and best is not None:
-            write_plots(best, history, classes, paths)
+            try:
+                write_plots(best, history, classes, paths)
+            except Exception as e:
+                print(f"warning: the plots were not drawn: {type(e).__name__}: {e}", file=sys.stderr)
+        raise
+    # Plots once, at the end: per epoch they cost ~3 s of the 2 hours.
+    if procs.main and best is not None:
+        write_plots(best, history, classes, paths)
     procs.barrier()  # no process leaves before rank 0 has written the files
     log(f"best validation accuracy {best['accuracy']:.4f} at epoch {best['epoch']}; model: {args.out}; "
           f"plots: {paths['cm_counts'].parent}")

@@ -136,6 +136,28 @@ def test_resume_matches_uninterrupted_run(train, dataset, tmp_path, monkeypatch)
         assert torch.equal(v, resumed["state_dict"][k]), k
 
 
+def test_plot_failure_does_not_hide_the_first_error(train, dataset, tmp_path, monkeypatch, capsys):
+    real = train.train_one_epoch
+
+    def disk_full(*args, **kwargs):
+        if args[8] == 1:
+            raise OSError("No space left on device")
+        return real(*args, **kwargs)
+
+    def no_plots(*args, **kwargs):
+        raise RuntimeError("plotting broke")
+
+    monkeypatch.setattr(train, "train_one_epoch", disk_full)
+    monkeypatch.setattr(train, "write_plots", no_plots)
+    with pytest.raises(OSError, match="No space left"):
+        train.main(tiny_args(train, dataset / "Train data", tmp_path / "m.pt"))
+    assert "warning: the plots were not drawn: RuntimeError: plotting broke" in capsys.readouterr().err
+    # Without an earlier error, a plotting failure is itself the error.
+    monkeypatch.setattr(train, "train_one_epoch", real)
+    with pytest.raises(RuntimeError, match="plotting broke"):
+        train.main(tiny_args(train, dataset / "Train data", tmp_path / "n.pt"))
+
+
 def test_model_is_backed_up_before_replacing(train, dataset, tmp_path):
     out = tmp_path / "m.pt"
     out.write_bytes(b"the earlier model")
@@ -152,3 +174,18 @@ def test_cli_errors(dataset, tmp_path):
         assert r.returncode == 1 and needle in r.stderr and "Traceback" not in r.stderr, r.stderr
     r = subprocess.run([sys.executable, str(ROOT / "train.py"), "--epochs", "0"], capture_output=True, text=True)
     assert r.returncode == 2 and "--epochs must be at least 1" in r.stderr
+
+
+def test_bad_val_sources(train, dataset, tmp_path):
+    """A wrong --val is named as --val (not as the --data folder), before the training images load."""
+    r = subprocess.run([sys.executable, str(ROOT / "train.py"), "--val", str(tmp_path / "val.csv.gz")],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and f"--val {tmp_path / 'val.csv.gz'} not found" in r.stderr, r.stderr
+    notes = tmp_path / "val.txt"
+    notes.write_text("not a csv")
+    with pytest.raises(UserError, match=r"--val .*val.txt is neither a \.csv/\.csv\.gz file nor a folder"):
+        train.load_val_source(notes, EMOTIONS, progress=False)
+    with pytest.raises(UserError, match="--val .*nope not found"):
+        train.load_val_source(tmp_path / "nope", EMOTIONS, progress=False)
+    faces, labels = train.load_val_source(dataset / "Test data", sorted(EMOTIONS), progress=False)
+    assert faces.shape == (28, 48, 48) and np.bincount(labels).tolist() == [4] * 7
