@@ -74,7 +74,11 @@ class ResidualBlock(nn.Module):
 
 
 class EmotionNet(nn.Module):
-    """A compact ResNet for 48x48 grayscale faces: a 3x3 stem, then stages that halve the size."""
+    """A compact ResNet for 48x48 grayscale faces: a 3x3 stem, then stages that halve the size.
+
+    A stage with 0 blocks adds nothing: blocks=(0, 1, 1, 1, 1) keeps only the stem at 48x48, and the
+    first block halves it to 24x24 (train.py's default).
+    """
 
     def __init__(self, num_classes=7, widths=(32, 64, 128, 256), blocks=(1, 1, 1, 1), dropout=0.3):
         super().__init__()
@@ -82,7 +86,7 @@ class EmotionNet(nn.Module):
         layers, cin = [], widths[0]
         for i, (w, n) in enumerate(zip(widths, blocks)):
             for j in range(n):
-                # The first stage keeps 48x48; each later one starts by halving it.
+                # The first stage keeps the stem's size; each later one starts by halving it.
                 layers.append(ResidualBlock(cin, w, stride=2 if (i > 0 and j == 0) else 1))
                 cin = w
         self.features = nn.Sequential(*layers)

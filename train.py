@@ -28,7 +28,10 @@ from common import (EMOTIONS, IMAGE_SIZE, NORM_MEAN, NORM_STD, CHECKPOINT_FORMAT
 
 DEFAULT_ARCH = "EmotionNet"
 VAL_HELP = "pass a FER2013 CSV (.csv or .csv.gz) or a folder with one folder per emotion"
-DEFAULT_ARCH_ARGS = {"widths": [32, 64, 128, 256], "blocks": [1, 1, 1, 1], "dropout": 0.3}
+# A 32-channel stem at 48x48, then one residual block at each of 24, 12, 6 and 3 pixels (64-512 channels):
+# 4.9M parameters for 0.80 GFLOP a training image. Against 32-64-128-256 with a block at 48x48 (1.2M,
+# 0.85 GFLOP) it trained 10% faster an epoch here and scored 67.76% vs 67.29% on val.csv.gz (README).
+DEFAULT_ARCH_ARGS = {"widths": [32, 64, 128, 256, 512], "blocks": [0, 1, 1, 1, 1], "dropout": 0.3}
 VAL_FRACTION = 0.1  # held out, stratified, when no validation set is given
 MIN_VAL_PER_CLASS = 1
 
