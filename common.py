@@ -194,16 +194,24 @@ def predict_proba(model, faces, device, mean=NORM_MEAN, std=NORM_STD, tta=True, 
 
     With `both`, returns (plain, averaged) from the same passes: what train.py records without and
     with test-time augmentation, for the cost of the averaged ones alone.
-    Batches of 64 ran 25% faster than 256 on a 2-core EPYC (the activations stay in cache).
+    `batch_size` counts the images of one forward call, mirror images included: calls of 64 ran 25%
+    faster than 256 on a 2-core EPYC (the activations stay in cache). A face and its mirror image
+    go through in the same call: one face took 4.7 instead of 6.2 ms (median of 3 x 40 calls), with
+    the same answers to the bit on val.csv.gz.
     """
     model.eval()
     plain, averaged = [], []
-    for i in range(0, len(faces), batch_size):
-        x = to_input(faces[i:i + batch_size], mean, std).to(device)
+    step = max(1, batch_size // 2) if (tta or both) else batch_size  # batch_size images a call, mirrors included
+    for i in range(0, len(faces), step):
+        x = to_input(faces[i:i + step], mean, std).to(device)
+        n = len(x)
         with autocast_for(device, bf16):
-            p = model(x).float().softmax(1)
             if tta or both:
-                averaged.append(((p + model(torch.flip(x, dims=[3])).float().softmax(1)) / 2).cpu())
+                pair = model(torch.cat([x, torch.flip(x, dims=[3])])).float().softmax(1)
+                p = pair[:n]
+                averaged.append(((p + pair[n:]) / 2).cpu())
+            else:
+                p = model(x).float().softmax(1)
         if both or not tta:  # test.py's path wants only the averaged answers: no copy of the plain ones
             plain.append(p.cpu())
     if not len(faces):

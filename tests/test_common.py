@@ -45,6 +45,19 @@ def test_predict_proba_both_is_plain_and_mirror_averaged():
     assert not torch.allclose(plain, averaged)  # the mirror image changes the answer of a random net
 
 
+@pytest.mark.parametrize("batch_size", [1, 5, 64])
+def test_predict_proba_averages_each_face_with_its_own_mirror_image(batch_size):
+    """Faces and mirror images share forward calls; each face must still get its own mirror's answer."""
+    torch.manual_seed(0)
+    model = common.build_model("EmotionNet", {"widths": [8, 8, 8, 8]}, 7).eval()
+    faces = np.random.default_rng(2).integers(0, 256, (11, 48, 48), dtype=np.uint8)
+    x = common.to_input(faces)
+    with torch.no_grad():
+        expected = (model(x).softmax(1) + model(torch.flip(x, dims=[3])).softmax(1)) / 2
+    got = common.predict_proba(model, faces, torch.device("cpu"), bf16=False, batch_size=batch_size)
+    assert torch.allclose(got, expected, atol=1e-5)
+
+
 def test_fused_model_computes_the_same_function():
     torch.manual_seed(0)
     model = common.build_model("EmotionNet", {"widths": [8, 16, 16, 32], "blocks": [1, 2, 1, 1]}, 7)
