@@ -85,13 +85,21 @@ def load_image_folder(root, progress=True):
     return np.stack(faces), np.array(labels, dtype=np.int64), list(ds.classes), skipped
 
 
+def val_source_problem(path):
+    """Why `path` cannot be a --val source (missing, or a file that is not a CSV), or None."""
+    if not path.exists():
+        return f"--val {path} not found: {VAL_HELP}"
+    if path.is_file() and not path.name.endswith((".csv", ".csv.gz")):
+        return f"--val {path} is neither a .csv/.csv.gz file nor a folder: {VAL_HELP}"
+    return None
+
+
 def load_val_source(path, classes, progress=True, log=print):
     """Validation faces and labels (in `classes` order) from a folder like Train data or a FER2013 CSV."""
     path = Path(path)
-    if not path.exists():
-        raise UserError(f"--val {path} not found: {VAL_HELP}")
-    if path.is_file() and not path.name.endswith((".csv", ".csv.gz")):
-        raise UserError(f"--val {path} is neither a .csv/.csv.gz file nor a folder: {VAL_HELP}")
+    problem = val_source_problem(path)
+    if problem:
+        raise UserError(problem)
     if path.is_file():
         from preparation import read_csv
 
@@ -481,8 +489,9 @@ def parse_args(argv=None):
             p.error(f"--{flag.replace('_', '-')} must be at least 1")
     if args.lr <= 0:
         p.error("--lr must be positive")
-    if args.val is not None and not args.val.exists():  # before minutes of loading the training images
-        p.error(f"--val {args.val} not found: {VAL_HELP}")
+    problem = args.val is not None and val_source_problem(args.val)
+    if problem:  # before minutes of loading the training images
+        p.error(problem)
     args.weight_decay = 5e-4
     args.label_smoothing = 0.1
     args.ema_decay = 0.999
