@@ -161,6 +161,20 @@ def augment(x, gen, max_rotate=10.0, max_shift=0.1, scale=(0.9, 1.1), erase_p=0.
     return x.masked_fill(mask.unsqueeze(1), 0.0)
 
 
+def mixup(x, gen, alpha):
+    """Mixup (Zhang et al., 2018): each face blended with another face of the batch.
+
+    Returns (mixed x, lam, partner): the loss is lam * loss(y) + (1 - lam) * loss(y[partner]).
+    lam ~ Beta(alpha, alpha), one per batch; with alpha 0.2 most batches are nearly one face.
+    Seeded by `gen`, like augment.
+    """
+    # Beta(a, a) from two Gamma(a) draws; torch's Gamma sampler takes no generator, NumPy's does.
+    rng = np.random.default_rng(int(torch.randint(2**62, (1,), generator=gen)))
+    lam = float(rng.beta(alpha, alpha))
+    partner = torch.randperm(x.shape[0], generator=gen).to(x.device)
+    return x.lerp(x[partner], 1.0 - lam), lam, partner
+
+
 # ---------------------------------------------------------------------------------------------
 # One process or many (torchrun)
 
@@ -277,9 +291,17 @@ def train_one_epoch(model, ema, faces, labels, optimizer, scheduler, device, arg
         # Faces live on the training device (uint8), so on a GPU the augmentation runs there too.
         x = augment(to_input(faces[idx.to(faces.device)]), gen).contiguous(memory_format=torch.channels_last)
         y = labels[idx.to(labels.device)]
+        lam, partner = 1.0, None
+        if args.mixup > 0:
+            x, lam, partner = mixup(x, gen, args.mixup)
         with autocast_for(device, args.bf16):
             logits = model(x)
             loss = F.cross_entropy(logits.float(), y, weight=class_weights, label_smoothing=args.label_smoothing)
+            if partner is not None:
+                loss = lam * loss + (1.0 - lam) * F.cross_entropy(logits.float(), y[partner], weight=class_weights,
+                                                                  label_smoothing=args.label_smoothing)
+                if lam < 0.5:  # training accuracy counts the face that dominates the blend
+                    y = y[partner]
         optimizer.zero_grad(set_to_none=True)
         if scaler is None:
             loss.backward()
@@ -474,6 +496,9 @@ def parse_args(argv=None):
     p.add_argument("--epochs", type=int, default=60, help="training epochs (default: 60)")
     p.add_argument("--batch-size", type=int, default=128, help="batch size (default: 128)")
     p.add_argument("--lr", type=float, default=0.1, help="peak SGD learning rate of the one-cycle schedule (default: 0.1)")
+    p.add_argument("--mixup", type=float, default=0.0, metavar="ALPHA",
+                   help="mixup: blend each training batch with a shuffled copy of itself, weight ~ Beta(ALPHA, ALPHA) "
+                        "(default: 0 = off)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto",
                    help="device (default: auto = cuda, then mps, then cpu)")
@@ -487,8 +512,10 @@ def parse_args(argv=None):
     for flag in ("epochs", "batch_size"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be at least 1")
-    if args.lr <= 0:
-        p.error("--lr must be positive")
+    if not 0 < args.lr < math.inf:
+        p.error("--lr must be a positive number")
+    if not 0 <= args.mixup < math.inf:
+        p.error("--mixup must be 0 (off) or a positive number")
     problem = args.val is not None and val_source_problem(args.val)
     if problem:  # before minutes of loading the training images
         p.error(problem)
