@@ -176,6 +176,16 @@ def test_cli_errors(dataset, tmp_path):
     assert r.returncode == 2 and "--epochs must be at least 1" in r.stderr
 
 
+@pytest.mark.parametrize("flag, value, message", [
+    ("--lr", "0", "--lr must be a positive number"), ("--lr", "nan", "--lr must be a positive number"),
+    ("--mixup", "-0.2", "--mixup must be 0 (off) or a positive number"), ("--mixup", "inf", "--mixup must be"),
+])
+def test_bad_numbers(train, flag, value, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        train.parse_args([flag, value])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
 def test_bad_val_sources(train, dataset, tmp_path):
     """A wrong --val is named as --val (not as the --data folder), before the training images load."""
     r = subprocess.run([sys.executable, str(ROOT / "train.py"), "--val", str(tmp_path / "val.csv.gz")],
@@ -189,3 +199,24 @@ def test_bad_val_sources(train, dataset, tmp_path):
         train.load_val_source(tmp_path / "nope", EMOTIONS, progress=False)
     faces, labels = train.load_val_source(dataset / "Test data", sorted(EMOTIONS), progress=False)
     assert faces.shape == (28, 48, 48) and np.bincount(labels).tolist() == [4] * 7
+
+
+def test_mixup_blends_each_face_with_a_partner(train):
+    x = torch.randn(16, 1, 48, 48)
+    mixed, lam, partner = train.mixup(x, torch.Generator().manual_seed(5), alpha=0.2)
+    again = train.mixup(x, torch.Generator().manual_seed(5), alpha=0.2)
+    assert 0.0 <= lam <= 1.0 and sorted(partner.tolist()) == list(range(16))
+    assert torch.allclose(mixed, lam * x + (1 - lam) * x[partner], atol=1e-6)
+    assert torch.equal(mixed, again[0]) and lam == again[1]
+    lams = [train.mixup(x, torch.Generator().manual_seed(s), alpha=0.2)[1] for s in range(200)]
+    assert np.mean([min(v, 1 - v) < 0.1 for v in lams]) > 0.5  # Beta(0.2, 0.2): mostly near 0 or 1
+
+
+def test_mixup_changes_training_and_is_recorded(train, dataset, tmp_path):
+    data = dataset / "Train data"
+    train.main(tiny_args(train, data, tmp_path / "a" / "m.pt"))
+    train.main(tiny_args(train, data, tmp_path / "b" / "m.pt", "--mixup", "0.4"))
+    plain = torch.load(tmp_path / "a" / "m.last.pt", weights_only=True)
+    mixed = torch.load(tmp_path / "b" / "m.last.pt", weights_only=True)
+    assert plain["train_args"]["mixup"] == 0.0 and mixed["train_args"]["mixup"] == 0.4
+    assert any(not torch.equal(v, mixed["state_dict"][k]) for k, v in plain["state_dict"].items())
