@@ -168,7 +168,7 @@ def mixup(x, gen, alpha):
     lam ~ Beta(alpha, alpha), one per batch; with alpha 0.2 most batches are nearly one face.
     Seeded by `gen`, like augment.
     """
-    # Beta(a, a) from two Gamma(a) draws; torch's Gamma sampler takes no generator, NumPy's does.
+    # torch's Beta sampler takes no generator; NumPy's, seeded from `gen`, keeps the epoch repeatable.
     rng = np.random.default_rng(int(torch.randint(2**62, (1,), generator=gen)))
     lam = float(rng.beta(alpha, alpha))
     partner = torch.randperm(x.shape[0], generator=gen).to(x.device)
@@ -283,6 +283,7 @@ def train_one_epoch(model, ema, faces, labels, optimizer, scheduler, device, arg
     if args.max_batches:
         n_batches = min(n_batches, args.max_batches)
     model.train()
+    loss_args = {"weight": class_weights, "label_smoothing": args.label_smoothing}
     total_loss, correct, seen = 0.0, 0, 0
     bar = tqdm(range(n_batches), desc=f"epoch {epoch + 1}/{args.epochs}", unit=" batch", disable=not progress,
                leave=False, mininterval=1.0)
@@ -296,10 +297,9 @@ def train_one_epoch(model, ema, faces, labels, optimizer, scheduler, device, arg
             x, lam, partner = mixup(x, gen, args.mixup)
         with autocast_for(device, args.bf16):
             logits = model(x)
-            loss = F.cross_entropy(logits.float(), y, weight=class_weights, label_smoothing=args.label_smoothing)
-            if partner is not None:
-                loss = lam * loss + (1.0 - lam) * F.cross_entropy(logits.float(), y[partner], weight=class_weights,
-                                                                  label_smoothing=args.label_smoothing)
+            loss = F.cross_entropy(logits.float(), y, **loss_args)
+            if partner is not None:  # each loss from its own float copy, as in the 60-epoch mixup run
+                loss = lam * loss + (1.0 - lam) * F.cross_entropy(logits.float(), y[partner], **loss_args)
                 if lam < 0.5:  # training accuracy counts the face that dominates the blend
                     y = y[partner]
         optimizer.zero_grad(set_to_none=True)
