@@ -100,7 +100,7 @@ def markdown_table(r):
                                   f"matmul on the same cores ({r['matmul_flops_bf16'] / 1e12:.2f} TFLOP/s; float32 "
                                   f"{r['matmul_flops_fp32'] / 1e12:.2f})"),
         ("inference, one face at a time", f"{r['infer_one_face_s']:,.0f} faces/s"),
-        ("inference, batched, as `test.py` (each face classified as is and mirrored)",
+        ("inference, batched, as `test.py` (each face and its mirror image)",
          f"{r['infer_batched_faces_s']:,.0f} faces/s"),
         ("inference, batched, one pass per face", f"{r['infer_batched_no_tta_faces_s']:,.0f} faces/s"),
         ("test.py on the sample photo", f"detection {r['photo_detect_ms']:.0f} ms, "

@@ -8,7 +8,8 @@
     python test.py --eval ../shared/data/fer2013/val.csv.gz --json val_scores.json
 
 Faces are found with OpenCV's frontal-face Haar cascade; all faces of a photo or frame are
-classified in one batch, with the mirror image averaged in (as train.py validates).
+classified in one batch, each resampled a quarter pixel off as training's warps resample every
+face (common.TEST_SHIFT), with the mirror image averaged in (as train.py validates).
 """
 import argparse
 import csv

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common import (EMOTIONS, IMAGE_SIZE, NORM_MEAN, NORM_STD, CHECKPOINT_FORMAT, REPO_ROOT, UserError,
+from common import (EMOTIONS, IMAGE_SIZE, NORM_MEAN, NORM_STD, CHECKPOINT_FORMAT, REPO_ROOT, TEST_SHIFT, UserError,
                     atomic_save, autocast_for, build_model, choose_device, count_parameters, cpu_has_bf16,
                     fuse_for_inference, load_checkpoint, predict_proba, run_main, set_seed, to_input)
 
@@ -632,7 +632,7 @@ def train(args, device, procs):
             if is_best:
                 best = {"epoch": epoch + 1, "accuracy": metrics["accuracy"], "metrics": {
                     "validation_set": val_name, "n": int(len(val_labels)), "accuracy": metrics["accuracy"],
-                    "accuracy_no_tta": without_tta["accuracy"], "macro_f1": metrics["macro_f1"],
+                    "accuracy_no_tta": without_tta["accuracy"], "macro_f1": metrics["macro_f1"], "test_shift": TEST_SHIFT,
                     "per_class": {c: {k: v[i] for k, v in metrics["per_class"].items()} for i, c in enumerate(classes)},
                     "confusion": metrics["confusion"],
                 }}

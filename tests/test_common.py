@@ -29,6 +29,22 @@ def test_to_input_normalises():
     assert x.shape == (2, 1, 48, 48) and torch.allclose(x, torch.full_like(x, 2.0))
 
 
+@pytest.mark.parametrize("shift", [0.25, 0.5, 0.8])
+def test_subpixel_shift_is_bilinear_resampling_at_that_offset(shift):
+    """The same numbers as grid_sample, the resampling train.py's augmentation uses, at a fixed offset."""
+    import torch.nn.functional as F
+
+    x = torch.randn(3, 1, 48, 48)
+    theta = torch.tensor([[1.0, 0, 2 * shift / 48], [0, 1.0, 2 * shift / 48]]).expand(3, 2, 3)
+    grid = F.affine_grid(theta, [3, 1, 48, 48], align_corners=False)
+    expected = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    got = common.subpixel_shift(x, shift)
+    assert got.shape == x.shape and torch.allclose(got, expected, atol=1e-4)  # grid_sample rounds its grid
+    assert torch.allclose(got[0, 0, 10, 10], (1 - shift) ** 2 * x[0, 0, 10, 10] + shift * (1 - shift) * (
+        x[0, 0, 10, 11] + x[0, 0, 11, 10]) + shift ** 2 * x[0, 0, 11, 11], atol=1e-5)
+    assert common.subpixel_shift(x, 0) is x
+
+
 def test_predict_proba_rows_sum_to_one():
     model = common.build_model("EmotionNet", {"widths": [8, 8, 8, 8]}, 7)
     p = common.predict_proba(model, np.zeros((3, 48, 48), np.uint8), torch.device("cpu"))
@@ -51,7 +67,7 @@ def test_predict_proba_averages_each_face_with_its_own_mirror_image(batch_size):
     torch.manual_seed(0)
     model = common.build_model("EmotionNet", {"widths": [8, 8, 8, 8]}, 7).eval()
     faces = np.random.default_rng(2).integers(0, 256, (11, 48, 48), dtype=np.uint8)
-    x = common.to_input(faces)
+    x = common.subpixel_shift(common.to_input(faces))  # the test-time resampling first, the mirror image of that
     with torch.no_grad():
         expected = (model(x).softmax(1) + model(torch.flip(x, dims=[3])).softmax(1)) / 2
     got = common.predict_proba(model, faces, torch.device("cpu"), bf16=False, batch_size=batch_size)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from common import EMOTIONS, UserError, load_checkpoint
+from common import EMOTIONS, TEST_SHIFT, UserError, load_checkpoint
 from conftest import ROOT, synthetic_faces, write_csv
 
 
@@ -94,6 +94,7 @@ def test_tiny_run_writes_everything(train, dataset, tmp_path):
     assert metrics["validation"]["validation_set"] == "Test data" and metrics["validation"]["n"] == 28
     assert set(metrics["validation"]["per_class"]) == set(EMOTIONS) and metrics["parameters"] > 0
     assert len(metrics["epoch_seconds"]) == 2 and "accuracy_no_tta" in metrics["validation"]
+    assert metrics["validation"]["test_shift"] == TEST_SHIFT  # how the faces were scored
     assert all(0 <= h["val_acc_no_tta"] <= 1 for h in metrics["history"])
     assert metrics["train_wall_seconds"] >= sum(metrics["epoch_seconds"])
     for key in ("cm_counts", "cm_rates", "curves", "last"):
