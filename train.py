@@ -1,7 +1,7 @@
 """Train the facial emotion CNN on the images preparation.py wrote.
 
     python train.py                                       # face_datasets/Train data -> models/
-    python train.py --val ../shared/data/fer2013/val.csv.gz      # the shipped model (60 epochs)
+    python train.py --val ../shared/data/fer2013/val.csv.gz      # the shipped model (70 epochs)
     python train.py --resume models/Facial_Emotion_Recognizer.last.pt   # continue an interrupted run
 
 Images are read once through torchvision's ImageFolder into memory; augmentation then runs on
@@ -493,7 +493,7 @@ def parse_args(argv=None):
     p.add_argument("--out", type=Path, default=REPO_ROOT / "models" / "Facial_Emotion_Recognizer.pt",
                    help="model file to write (default: models/Facial_Emotion_Recognizer.pt)")
     p.add_argument("--plots", type=Path, default=None, help="folder for plots (default: beside --out)")
-    p.add_argument("--epochs", type=int, default=60, help="training epochs (default: 60)")
+    p.add_argument("--epochs", type=int, default=70, help="training epochs (default: 70)")
     p.add_argument("--batch-size", type=int, default=128, help="batch size (default: 128)")
     p.add_argument("--lr", type=float, default=0.1, help="peak SGD learning rate of the one-cycle schedule (default: 0.1)")
     p.add_argument("--mixup", type=float, default=0.0, metavar="ALPHA",
