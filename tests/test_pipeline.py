@@ -52,3 +52,13 @@ def test_readme_states_the_recorded_accuracy():
                 if line.startswith("| **ours**, `models/Facial_Emotion_Recognizer.pt`")), "")
     assert f"**{v['accuracy']:.1%}**" in row and f"({v['accuracy_no_tta']:.1%} without the mirror image)" in row, row
     assert f"| {v['macro_f1']:.3f} |" in row and f"{metrics['train_args']['epochs']} epochs" in row, row
+
+
+def test_train_defaults_reproduce_the_shipped_model(train):
+    """`python train.py --val ...` with nothing else is the recipe of the shipped model (its metrics JSON)."""
+    metrics = json.loads(MODEL.with_name("Facial_Emotion_Recognizer.metrics.json").read_text())
+    defaults = vars(train.parse_args([]))
+    recipe = ("epochs", "batch_size", "lr", "mixup", "seed", "bf16", "weight_decay", "label_smoothing", "ema_decay")
+    assert {k: metrics["train_args"][k] for k in recipe} == {k: defaults[k] for k in recipe}
+    assert (metrics["arch"], metrics["arch_args"]) == (train.DEFAULT_ARCH, train.DEFAULT_ARCH_ARGS)
+    assert metrics["train_args"]["max_batches"] == 0, "the shipped model came from a shortened run"
