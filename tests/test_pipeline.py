@@ -10,6 +10,11 @@ from conftest import ROOT, SHARED, synthetic_faces, write_csv
 MODEL = ROOT / "models" / "Facial_Emotion_Recognizer.pt"
 
 
+def shipped_metrics():
+    """The metrics JSON train.py wrote beside the shipped model."""
+    return json.loads(MODEL.with_name("Facial_Emotion_Recognizer.metrics.json").read_text())
+
+
 def run(script, *args, cwd):
     r = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], capture_output=True, text=True, cwd=cwd)
     assert r.returncode == 0, f"{script} failed:\n{r.stdout}\n{r.stderr}"
@@ -35,7 +40,7 @@ def test_prepare_train_test(tmp_path):
 @pytest.mark.skipif(not (SHARED / "fer2013" / "val.csv.gz").exists(),
                     reason="FER2013's val.csv.gz is not at ../shared/data/fer2013 (present in CI, not on a user's machine)")
 def test_shipped_model_scores_what_it_records(tmp_path):
-    metrics = json.loads(MODEL.with_name("Facial_Emotion_Recognizer.metrics.json").read_text())["validation"]
+    metrics = shipped_metrics()["validation"]
     assert metrics["validation_set"] == "val.csv.gz"
     run("test.py", "--eval", SHARED / "fer2013" / "val.csv.gz", "--json", tmp_path / "v.json", "--out", tmp_path, cwd=tmp_path)
     scored = json.loads((tmp_path / "v.json").read_text())
@@ -46,7 +51,7 @@ def test_shipped_model_scores_what_it_records(tmp_path):
 
 def test_readme_states_the_recorded_accuracy():
     """The README's results table quotes the shipped model's metrics JSON, not an older model's."""
-    metrics = json.loads(MODEL.with_name("Facial_Emotion_Recognizer.metrics.json").read_text())
+    metrics = shipped_metrics()
     v = metrics["validation"]
     row = next((line for line in (ROOT / "README.md").read_text().splitlines()
                 if line.startswith("| **ours**, `models/Facial_Emotion_Recognizer.pt`")), "")
@@ -56,7 +61,7 @@ def test_readme_states_the_recorded_accuracy():
 
 def test_train_defaults_reproduce_the_shipped_model(train):
     """`python train.py --val ...` with nothing else is the recipe of the shipped model (its metrics JSON)."""
-    metrics = json.loads(MODEL.with_name("Facial_Emotion_Recognizer.metrics.json").read_text())
+    metrics = shipped_metrics()
     defaults = vars(train.parse_args([]))
     recipe = ("epochs", "batch_size", "lr", "mixup", "seed", "bf16", "weight_decay", "label_smoothing", "ema_decay")
     assert {k: metrics["train_args"][k] for k in recipe} == {k: defaults[k] for k in recipe}
