@@ -3,11 +3,19 @@ face detection, device choice, seeding and checkpoint save/load.
 
 Nothing here runs on import; every function takes what it needs as arguments.
 """
+import contextlib
+import csv
+import gzip
+import io
 import os
 import random
 import shutil
 import sys
+import tarfile
 import tempfile
+import warnings
+import zipfile
+import zlib
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -15,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm import tqdm
 
 REPO_ROOT = Path(__file__).resolve().parent
 
@@ -41,8 +50,16 @@ class UserError(Exception):
     """A problem the user can fix; reported as one line, without a traceback."""
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C, with a line saying what the interrupted run left behind (when that is more than nothing)."""
+
+
 def run_main(main, args):
-    """Run a script's main(args): user errors and Ctrl-C become one line and a non-zero exit."""
+    """Run a script's main(args): user errors and Ctrl-C become one line and a non-zero exit.
+
+    Returns main's result; a main that must report failure raises UserError (exit 1) or
+    returns and lets the script's caller decide; nothing here calls sys.exit but for those two.
+    """
     debug = getattr(args, "debug", False) or os.environ.get("FER_DEBUG")
     try:
         return main(args)
@@ -51,11 +68,24 @@ def run_main(main, args):
             raise
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         if debug:
             raise
-        print("interrupted: earlier outputs were left as they were", file=sys.stderr)
+        what = str(e) if isinstance(e, Interrupted) and str(e) else "earlier outputs were left as they were"
+        print(f"interrupted: {what}", file=sys.stderr)
         sys.exit(130)
+
+
+def project_relative(path):
+    """`path` as written into a checkpoint or JSON: relative to the project when inside it, else its name.
+
+    A model file travels between machines; the build machine's absolute paths mean nothing elsewhere.
+    """
+    p = Path(path)
+    try:
+        return p.resolve().relative_to(REPO_ROOT).as_posix()
+    except ValueError:
+        return p.name
 
 
 # ---------------------------------------------------------------------------------------------
@@ -247,6 +277,238 @@ def predict_proba(model, faces, device, mean=NORM_MEAN, std=NORM_STD, tta=True, 
 
 
 # ---------------------------------------------------------------------------------------------
+# FER2013's CSV (preparation.py writes it out as images; train.py --val and test.py --eval score it)
+
+N_PIXELS = IMAGE_SIZE * IMAGE_SIZE
+LAYOUTS = ({"input", "target"}, {"pixels", "emotion"})  # (ours, FER2013's original)
+MAX_BAD_SHOWN = 5
+# Inside an archive: FER2013's own name first, then Kaggle's all-splits file (its train.csv has no Usage).
+ARCHIVE_CSV_NAMES = ("fer2013.csv", "icml_face_data.csv")
+# FER2013's Usage values: Training is learned from, PublicTest chooses the best epoch (validation),
+# PrivateTest is kept apart for the final score.
+TRAINING, VALIDATION, FINAL_TEST = "Training", "PublicTest", "PrivateTest"
+
+
+class RowError(ValueError):
+    """A data row that cannot become a face image."""
+
+
+def parse_pixels(text):
+    """The 2304 space-separated gray values of one row -> uint8 array (48, 48); RowError if they are not that."""
+    # Fast path: NumPy's integer text parser (8x the split into floats below); anything unusual, which it
+    # would read only in part (with a warning, made an error here), falls through to the checks that name it.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with contextlib.suppress(ValueError, DeprecationWarning):
+            arr = np.fromstring(text, dtype=np.int64, sep=" ")
+            if arr.size == N_PIXELS and ((arr >= 0) & (arr <= 255)).all():
+                return arr.astype(np.uint8).reshape(IMAGE_SIZE, IMAGE_SIZE)
+    values = text.split()
+    if len(values) != N_PIXELS:
+        raise RowError(f"has {len(values)} pixel values, expected {N_PIXELS}")
+    try:
+        arr = np.array(values, dtype=np.float64)
+    except ValueError:
+        bad = next(v for v in values if not _is_number(v))
+        raise RowError(f"has a non-numeric pixel value {bad[:20]!r}") from None
+    if not np.isfinite(arr).all() or (arr != np.round(arr)).any():
+        raise RowError("has a pixel value that is not a whole number")
+    if arr.min() < 0 or arr.max() > 255:
+        raise RowError(f"has a pixel value outside 0-255 ({int(arr.min()) if arr.min() < 0 else int(arr.max())})")
+    return arr.astype(np.uint8).reshape(IMAGE_SIZE, IMAGE_SIZE)
+
+
+def parse_label(text):
+    """The label field -> int 0..6; RowError if empty or out of range."""
+    text = text.strip()
+    if not text:
+        raise RowError("has no label")
+    try:
+        value = float(text)
+    except ValueError:
+        raise RowError(f"has a label {text[:20]!r} that is not a number 0-6") from None
+    if value != int(value) or not 0 <= value < len(EMOTIONS):
+        raise RowError(f"has label {text[:20]}, expected 0-6 ({', '.join(f'{i} {e}' for i, e in enumerate(EMOTIONS))})")
+    return int(value)
+
+
+def _is_number(text):
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+def _archive_member(path, names):
+    """The CSV to read inside archive `path` (FER2013's name first, else the only CSV), or a UserError."""
+    csvs = [n for n in names if n.lower().endswith((".csv", ".csv.gz")) and "__MACOSX" not in n
+            and not Path(n).name.startswith(".")]
+    for want in ARCHIVE_CSV_NAMES:
+        found = [n for n in csvs if Path(n).name.lower() in (want, want + ".gz")]
+        if found:
+            return found[0]
+    if len(csvs) == 1:
+        return csvs[0]
+    inside = ", ".join(Path(n).name for n in (csvs or names)[:5]) or "nothing"
+    raise UserError(f"{path} is an archive holding {'several CSVs' if csvs else 'no CSV'} ({inside}): extract "
+                    f"FER2013's CSV (e.g. unzip {path.name} or tar -xzf {path.name}) and pass it with --csv")
+
+
+def _is_tar(path):
+    try:
+        return tarfile.is_tarfile(path)
+    except (OSError, EOFError, zlib.error):
+        return False
+
+
+@contextlib.contextmanager
+def open_text(path):
+    """A FER2013 CSV as text: plain, gzipped, or inside a .zip / .tar(.gz) (Kaggle's download); CRLF files work."""
+    path = Path(path)
+    with contextlib.ExitStack() as stack:
+        with open(path, "rb") as f:
+            head = f.read(4)
+        if head == b"PK\x03\x04":  # by its first bytes, so a damaged zip is called damaged, not "not a CSV"
+            archive = stack.enter_context(zipfile.ZipFile(path))
+            member = _archive_member(path, archive.namelist())
+            raw, gz = stack.enter_context(archive.open(member)), member.endswith(".gz")
+        elif _is_tar(path):
+            archive = stack.enter_context(tarfile.open(path, "r:*"))
+            member = _archive_member(path, [m.name for m in archive.getmembers() if m.isfile()])
+            raw, gz = stack.enter_context(archive.extractfile(member)), member.endswith(".gz")
+        else:
+            raw, gz = stack.enter_context(open(path, "rb")), head[:2] == b"\x1f\x8b"
+        if gz:
+            raw = stack.enter_context(gzip.open(raw, "rb"))
+        yield stack.enter_context(io.TextIOWrapper(raw, encoding="utf-8-sig", newline=""))
+
+
+def read_csv(path, skip_bad=False, progress=True):
+    """Parse a FER2013 CSV into (faces uint8 (N,48,48), labels, usage list or None, bad rows).
+
+    `bad` is a list of (line number, reason). Without `skip_bad` the first bad row raises UserError.
+    Line numbers count from 1 at the header, as an editor shows them.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path} not found: put FER2013's train.csv there (see README) or pass --csv")
+    csv.field_size_limit(1 << 24)  # a pixels field is ~9 KB, over the csv module's 128 KB limit only if broken
+    faces, labels, usage, bad = [], [], [], []
+    try:
+        with open_text(path) as f:
+            reader = csv.reader(f)
+            header = next(reader, None)
+            if header is None:
+                raise UserError(f"{path} is empty: expected a header line 'input,target' or 'emotion,pixels,Usage'")
+            cols = [c.strip().lower() for c in header]
+            layout = next((lay for lay in LAYOUTS if lay <= set(cols)), None)
+            if layout is None:
+                raise UserError(f"{path} line 1: header {','.join(header)[:60]!r} is not FER2013's: "
+                                "expected columns 'input,target' or 'emotion,pixels[,Usage]'")
+            pix_col = cols.index("input" if "input" in layout else "pixels")
+            lab_col = cols.index("target" if "target" in layout else "emotion")
+            use_col = cols.index("usage") if "usage" in cols else None
+            for row in tqdm(reader, desc=f"reading {path.name}", unit=" rows", disable=not progress, mininterval=0.5):
+                if not row or (len(row) == 1 and not row[0].strip()):
+                    continue  # blank line, e.g. a trailing newline
+                try:
+                    if len(row) != len(cols):
+                        raise RowError(f"has {len(row)} fields, expected {len(cols)} ({','.join(cols)})")
+                    face = parse_pixels(row[pix_col])
+                    label = parse_label(row[lab_col])
+                except RowError as e:
+                    bad.append((reader.line_num, str(e)))
+                    continue
+                faces.append(face)
+                labels.append(label)
+                if use_col is not None:
+                    usage.append(row[use_col].strip())
+    except (OSError, EOFError, zlib.error, UnicodeDecodeError, csv.Error, zipfile.BadZipFile, tarfile.TarError) as e:
+        what = "truncated or damaged" if isinstance(e, (EOFError, zlib.error, gzip.BadGzipFile, zipfile.BadZipFile,
+                                                        tarfile.TarError)) else "unreadable"
+        raise UserError(f"{path} is {what} ({type(e).__name__}: {str(e)[:80]}): download it again") from None
+    if bad and not skip_bad:
+        raise UserError(f"{path} line {bad[0][0]}: row {bad[0][1]} ({describe_bad(bad)}); fix or remove "
+                        f"{'it' if len(bad) == 1 else 'them'}, or pass --skip-bad to leave bad rows out")
+    if not faces:
+        extra = f" ({describe_bad(bad)})" if bad else ""
+        raise UserError(f"{path} has no usable data rows{extra}: check that it is FER2013's CSV")
+    return np.stack(faces), np.array(labels, dtype=np.int64), (usage if use_col is not None else None), bad
+
+
+def describe_bad(bad):
+    """'3 bad rows, at lines 4, 9, 12' with at most MAX_BAD_SHOWN line numbers."""
+    lines = ", ".join(str(n) for n, _ in bad[:MAX_BAD_SHOWN]) + (", ..." if len(bad) > MAX_BAD_SHOWN else "")
+    return f"{len(bad)} bad row{'s' if len(bad) > 1 else ''}, at line{'s' if len(bad) > 1 else ''} {lines}"
+
+
+def held_out_rows(path, usage, only=None):
+    """Indices of the rows a model may be scored on (None: all), and a line saying which; never Training rows.
+
+    Without a Usage column every row counts (a file of test faces). With one, the rows not marked
+    Training; `only` narrows them to one Usage value where the file has it (train.py validates on
+    PublicTest and leaves PrivateTest for the final score).
+    """
+    if usage is None:
+        return None, ""
+    names = np.array([u.strip() for u in usage])
+    keep = names != TRAINING
+    if only is not None and (names == only).any():
+        keep = names == only
+    if not keep.any():
+        raise UserError(f"{path}: every row is marked {TRAINING} in its Usage column, so the model may have "
+                        f"learned them: pass a CSV with {VALIDATION} or {FINAL_TEST} rows")
+    kinds = sorted(set(names[keep]))
+    counts = ", ".join(f"{k} {int((names == k).sum()):,}" for k in kinds)
+    left = int((~keep).sum())
+    return np.flatnonzero(keep), (f"rows by Usage: {counts}" + (f"; {left:,} other rows left out" if left else ""))
+
+
+# ---------------------------------------------------------------------------------------------
+# Scores (train.py's validation and test.py --eval report the same figures from one function)
+
+
+def metrics_from_confusion(cm):
+    """Accuracy, macro-F1 and per-class precision/recall/F1 (0 where undefined, as scikit-learn) of a confusion matrix."""
+    cm = np.asarray(cm, dtype=np.int64)
+    tp, predicted, support = np.diag(cm), cm.sum(0), cm.sum(1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        p = np.where(predicted > 0, tp / np.maximum(predicted, 1), 0.0)
+        r = np.where(support > 0, tp / np.maximum(support, 1), 0.0)
+        f = np.where(p + r > 0, 2 * p * r / np.where(p + r > 0, p + r, 1), 0.0)
+    return {
+        "accuracy": float(tp.sum() / max(cm.sum(), 1)),
+        "macro_f1": float(f.mean()),
+        "confusion": cm.tolist(),
+        "per_class": {"precision": p.tolist(), "recall": r.tolist(), "f1": f.tolist(), "support": support.tolist()},
+    }
+
+
+def plot_confusion(confusion, classes, path, normalize, title):
+    """The confusion matrix as a seaborn heatmap, counts or row-normalised rates, saved as PNG."""
+    # Imported here: matplotlib and seaborn take about a second to import, paid only by runs that draw.
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display needed
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    cm = np.array(confusion, dtype=float)
+    if normalize:
+        cm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+    fig, ax = plt.subplots(figsize=(7, 6))
+    sns.heatmap(cm, annot=True, fmt=".2f" if normalize else ".0f", cmap="Blues", xticklabels=classes,
+                yticklabels=classes, ax=ax, cbar=True)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------
 # Face detection
 
 
@@ -254,6 +516,9 @@ def load_face_detector():
     """OpenCV's frontal-face Haar cascade, the one that ships with opencv-python."""
     import cv2
 
+    if not hasattr(cv2, "CascadeClassifier") or not hasattr(cv2, "data"):
+        raise UserError(f"OpenCV {cv2.__version__} has no Haar cascades (OpenCV 5 dropped them): "
+                        "pip install 'opencv-python<5', or pass --no-detect with face crops")
     path = os.path.join(cv2.data.haarcascades, "haarcascade_frontalface_default.xml")
     cascade = cv2.CascadeClassifier(path)
     if cascade.empty():
@@ -291,8 +556,8 @@ def detect_faces(cascade, gray, scale_factor=1.1, min_neighbors=3, min_weight=0.
 # Checkpoints
 
 
-def atomic_save(obj, path, backup=False):
-    """torch.save to a temp file beside `path`, then rename over it; with `backup`, keep the old file as *.bak.pt."""
+def atomic_save(obj, path, backup=None):
+    """torch.save to a temp file beside `path`, then rename over it; with `backup` (a path), keep the old file there."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
@@ -302,8 +567,8 @@ def atomic_save(obj, path, backup=False):
     os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it owner-only; a model file is for everyone who can read the folder
     try:
         torch.save(obj, tmp)
-        if backup and path.exists():
-            shutil.copy2(path, path.with_suffix(".bak.pt"))
+        if backup is not None and path.exists():
+            shutil.copy2(path, backup)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -1,153 +1,57 @@
 """Turn FER2013's CSV into JPG face images, one folder per emotion.
 
     python preparation.py                                  # data/train.csv -> face_datasets/
-    python preparation.py --csv data/fer2013.csv.gz --out face_datasets --skip-bad
+    python preparation.py --csv data/fer2013.zip --skip-bad  # Kaggle's download as it comes
 
 Reads the `input`/`target` layout (2304 gray values of a 48x48 face; 0 anger .. 6 neutral) and
-FER2013's original `emotion`/`pixels`/`Usage` layout. Writes `<out>/Train data/<emotion>/<row>.jpg`;
-with a Usage column, rows not marked Training go to `<out>/Test data/<emotion>/`. The folder is
-built beside the old one and swapped in at the end, so a failed run leaves the old one as it was.
+FER2013's original `emotion`/`pixels`/`Usage` layout, plain, gzipped or inside a .zip/.tar.gz.
+Writes `<out>/Train data/<emotion>/<row>.jpg`; with a Usage column, PublicTest rows go to
+`<out>/Test data/` (train.py's validation) and PrivateTest rows to `<out>/Final test data/`, which
+train.py never reads. The folder is built beside the old one and swapped in at the end, so a
+failed or interrupted run leaves the old one as it was.
 """
 import argparse
 import csv
-import gzip
-import io
 import os
 import shutil
 import tempfile
 import time
-import zlib
 from pathlib import Path
 
+import cv2
+import matplotlib
 import numpy as np
+from tqdm import tqdm
 
-from common import EMOTIONS, IMAGE_SIZE, REPO_ROOT, UserError, run_main
+from common import (EMOTIONS, FINAL_TEST, TRAINING, VALIDATION, REPO_ROOT, Interrupted, UserError, describe_bad,
+                    read_csv, run_main)
 
-N_PIXELS = IMAGE_SIZE * IMAGE_SIZE
-LAYOUTS = ({"input", "target"}, {"pixels", "emotion"})  # (ours, FER2013's original)
+matplotlib.use("Agg")  # before pyplot: plots are files, and a machine without a display must draw them too
+import matplotlib.pyplot as plt  # noqa: E402
+
+DEFAULT_CSV = REPO_ROOT / "data" / "train.csv"
+DATA_SUFFIXES = (".csv", ".csv.gz", ".zip", ".tar", ".tar.gz", ".tgz")
 JPEG_QUALITY = 95  # high enough that decoding gives back the gray values within a level or two
-MAX_BAD_SHOWN = 5
-csv.field_size_limit(1 << 24)  # a pixels field is ~9 KB, over the csv module's 128 KB limit only if broken
-
-
-class RowError(ValueError):
-    """A data row that cannot become a face image."""
-
-
-def parse_pixels(text):
-    """The 2304 space-separated gray values of one row -> uint8 array (48, 48); RowError if they are not that."""
-    values = text.split()
-    if len(values) != N_PIXELS:
-        raise RowError(f"has {len(values)} pixel values, expected {N_PIXELS}")
-    try:
-        arr = np.array(values, dtype=np.float64)
-    except ValueError:
-        bad = next(v for v in values if not _is_number(v))
-        raise RowError(f"has a non-numeric pixel value {bad[:20]!r}") from None
-    if not np.isfinite(arr).all() or (arr != np.round(arr)).any():
-        raise RowError("has a pixel value that is not a whole number")
-    if arr.min() < 0 or arr.max() > 255:
-        raise RowError(f"has a pixel value outside 0-255 ({int(arr.min()) if arr.min() < 0 else int(arr.max())})")
-    return arr.astype(np.uint8).reshape(IMAGE_SIZE, IMAGE_SIZE)
-
-
-def parse_label(text):
-    """The label field -> int 0..6; RowError if empty or out of range."""
-    text = text.strip()
-    if not text:
-        raise RowError("has no label")
-    try:
-        value = float(text)
-    except ValueError:
-        raise RowError(f"has a label {text[:20]!r} that is not a number 0-6") from None
-    if value != int(value) or not 0 <= value < len(EMOTIONS):
-        raise RowError(f"has label {text[:20]}, expected 0-6 ({', '.join(f'{i} {e}' for i, e in enumerate(EMOTIONS))})")
-    return int(value)
-
-
-def _is_number(text):
-    try:
-        float(text)
-        return True
-    except ValueError:
-        return False
-
-
-def open_text(path):
-    """Open a .csv or .csv.gz for reading as text (universal newlines, so CRLF files work)."""
-    raw = gzip.open(path, "rb") if str(path).endswith(".gz") else open(path, "rb")
-    return io.TextIOWrapper(raw, encoding="utf-8-sig", newline="")
-
-
-def read_csv(path, skip_bad=False, progress=True):
-    """Parse a FER2013 CSV into (faces uint8 (N,48,48), labels, usage list or None, bad rows).
-
-    `bad` is a list of (line number, reason). Without `skip_bad` the first bad row raises UserError.
-    Line numbers count from 1 at the header, as an editor shows them.
-    """
-    from tqdm import tqdm
-
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path} not found: put FER2013's train.csv there (see README) or pass --csv")
-    faces, labels, usage, bad = [], [], [], []
-    try:
-        with open_text(path) as f:
-            reader = csv.reader(f)
-            header = next(reader, None)
-            if header is None:
-                raise UserError(f"{path} is empty: expected a header line 'input,target' or 'emotion,pixels,Usage'")
-            cols = [c.strip().lower() for c in header]
-            layout = next((lay for lay in LAYOUTS if lay <= set(cols)), None)
-            if layout is None:
-                raise UserError(f"{path} line 1: header {','.join(header)[:60]!r} is not FER2013's: "
-                                "expected columns 'input,target' or 'emotion,pixels[,Usage]'")
-            pix_col = cols.index("input" if "input" in layout else "pixels")
-            lab_col = cols.index("target" if "target" in layout else "emotion")
-            use_col = cols.index("usage") if "usage" in cols else None
-            for row in tqdm(reader, desc=f"reading {path.name}", unit=" rows", disable=not progress, mininterval=0.5):
-                if not row or (len(row) == 1 and not row[0].strip()):
-                    continue  # blank line, e.g. a trailing newline
-                try:
-                    if len(row) != len(cols):
-                        raise RowError(f"has {len(row)} fields, expected {len(cols)} ({','.join(cols)})")
-                    face = parse_pixels(row[pix_col])
-                    label = parse_label(row[lab_col])
-                except RowError as e:
-                    bad.append((reader.line_num, str(e)))
-                    continue
-                faces.append(face)
-                labels.append(label)
-                if use_col is not None:
-                    usage.append(row[use_col].strip())
-    except (OSError, EOFError, zlib.error, UnicodeDecodeError, csv.Error) as e:
-        what = "truncated or damaged" if isinstance(e, (EOFError, zlib.error, gzip.BadGzipFile)) else "unreadable"
-        raise UserError(f"{path} is {what} ({type(e).__name__}: {str(e)[:80]}): download it again") from None
-    if bad and not skip_bad:
-        raise UserError(f"{path} line {bad[0][0]}: row {bad[0][1]} ({describe_bad(bad)}); fix or remove "
-                        f"{'it' if len(bad) == 1 else 'them'}, or pass --skip-bad to leave bad rows out")
-    if not faces:
-        extra = f" ({describe_bad(bad)})" if bad else ""
-        raise UserError(f"{path} has no usable data rows{extra}: check that it is FER2013's CSV")
-    faces = np.stack(faces)
-    return faces, np.array(labels, dtype=np.int64), (usage if use_col is not None else None), bad
-
-
-def describe_bad(bad):
-    """'3 bad rows, at lines 4, 9, 12' with at most MAX_BAD_SHOWN line numbers."""
-    lines = ", ".join(str(n) for n, _ in bad[:MAX_BAD_SHOWN]) + (", ..." if len(bad) > MAX_BAD_SHOWN else "")
-    return f"{len(bad)} bad row{'s' if len(bad) > 1 else ''}, at line{'s' if len(bad) > 1 else ''} {lines}"
+# Where each Usage goes: train.py learns from Train data, picks its best epoch on Test data and never
+# reads Final test data, which is left for one honest score at the end (test.py --eval).
+SPLIT_FOLDERS = {TRAINING: "Train data", VALIDATION: "Test data", FINAL_TEST: "Final test data"}
 
 
 def split_of(usage):
-    """'Train data' for Training rows (and files with no Usage column), else 'Test data'."""
-    return "Train data" if usage is None or usage.lower() == "training" else "Test data"
+    """The folder for a row's Usage: Train data without a Usage column; any other value goes with PublicTest."""
+    if usage is None:
+        return SPLIT_FOLDERS[TRAINING]
+    return next((f for u, f in SPLIT_FOLDERS.items() if u.lower() == usage.strip().lower()), SPLIT_FOLDERS[VALIDATION])
+
+
+def split_order(folder):
+    """Train data, Test data, Final test data, in that order."""
+    order = list(SPLIT_FOLDERS.values())
+    return order.index(folder) if folder in order else len(order)
 
 
 def write_images(faces, labels, usage, root, progress=True):
     """Write each face as <root>/<split>/<emotion>/<row>.jpg; returns {split: per-class counts}."""
-    import cv2
-    from tqdm import tqdm
 
     width = max(5, len(str(len(faces) - 1)))
     counts = {}
@@ -168,14 +72,9 @@ def write_images(faces, labels, usage, root, progress=True):
 
 def plot_distribution(counts, path):
     """A bar chart of images per emotion for each split."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     fig, ax = plt.subplots(figsize=(8, 4))
     n = len(counts)
-    for k, (split, c) in enumerate(sorted(counts.items(), key=lambda kv: kv[0] != "Train data")):
+    for k, (split, c) in enumerate(sorted(counts.items(), key=lambda kv: split_order(kv[0]))):
         x = np.arange(len(EMOTIONS)) + (k - (n - 1) / 2) * 0.8 / n
         bars = ax.bar(x, c, width=0.8 / n, label=split)
         ax.bar_label(bars, fontsize=7)
@@ -190,29 +89,54 @@ def plot_distribution(counts, path):
 
 def format_table(counts):
     """Per-class counts for each split as a plain text table."""
-    splits = sorted(counts, key=lambda s: s != "Train data")
-    lines = [f"{'emotion':<10}" + "".join(f"{s:>12}" for s in splits)]
+    splits = sorted(counts, key=split_order)
+    w = max(map(len, splits)) + 2
+    lines = [f"{'emotion':<10}" + "".join(f"{s:>{w}}" for s in splits)]
     for i, e in enumerate(EMOTIONS):
-        lines.append(f"{e:<10}" + "".join(f"{counts[s][i]:>12}" for s in splits))
-    lines.append(f"{'total':<10}" + "".join(f"{sum(counts[s]):>12}" for s in splits))
+        lines.append(f"{e:<10}" + "".join(f"{counts[s][i]:>{w}}" for s in splits))
+    lines.append(f"{'total':<10}" + "".join(f"{sum(counts[s]):>{w}}" for s in splits))
     return "\n".join(lines)
 
 
-def swap_in(new, out):
-    """Replace folder `out` by `new` with two renames, removing the old one only after."""
+def remove_tree(path, progress=True, what="removing"):
+    """Remove a folder file by file under a progress bar: a previous face_datasets/ holds ~36,000 images."""
+    files = [os.path.join(d, f) for d, _, names in os.walk(path) for f in names]
+    for f in tqdm(files, desc=what, unit=" files", disable=not progress or len(files) < 1000, mininterval=0.5):
+        os.remove(f)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def remove_leftovers(out, progress=True):
+    """Folders a run killed outright (not by Ctrl-C, which cleans up) left beside `out`; returns how many."""
+    stale = sorted(out.parent.glob(f".{out.name}.new-*")) + sorted(out.parent.glob(f".{out.name}.old-*"))
+    for folder in stale:
+        remove_tree(folder, progress, f"removing {folder.name}, left by an earlier run")
+    return len(stale)
+
+
+def swap_in(new, out, progress=True):
+    """Replace folder `out` by `new` with two renames, then remove the old one.
+
+    Once the renames are done the new folder is complete; a Ctrl-C while the old one is being removed
+    finishes the removal first (it was asked to go) and then says so, so nothing is left half-removed.
+    """
     old = None
     if out.exists():
         old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
         os.replace(out, old / out.name)
     os.replace(new, out)
     if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        try:
+            remove_tree(old, progress, f"removing the previous {out.name}")
+        except KeyboardInterrupt:
+            shutil.rmtree(old, ignore_errors=True)
+            raise Interrupted(f"{out} was already complete with the new images; the previous copy was removed") from None
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Turn FER2013's CSV into JPG images, one folder per emotion.")
-    p.add_argument("--csv", type=Path, default=REPO_ROOT / "data" / "train.csv",
-                   help="FER2013 CSV, .csv or .csv.gz (default: data/train.csv)")
+    p.add_argument("--csv", type=Path, default=DEFAULT_CSV,
+                   help="FER2013 CSV: .csv, .csv.gz, or Kaggle's .zip/.tar.gz as downloaded (default: data/train.csv)")
     p.add_argument("--out", type=Path, default=REPO_ROOT / "face_datasets",
                    help="output folder, replaced as a whole at the end (default: face_datasets/)")
     p.add_argument("--skip-bad", action="store_true",
@@ -225,15 +149,23 @@ def parse_args(argv=None):
 def main(args):
     start = time.perf_counter()
     progress = not args.no_progress
-    faces, labels, usage, bad = read_csv(args.csv, skip_bad=args.skip_bad, progress=progress)
     out = args.out.resolve()
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file, not a folder: choose another --out")
+    if not args.csv.exists() and args.csv == DEFAULT_CSV:
+        found = sorted(p.name for p in DEFAULT_CSV.parent.glob("*") if p.name.endswith(DATA_SUFFIXES))
+        if found:
+            raise UserError(f"{DEFAULT_CSV} not found, but data/ holds {', '.join(found)}: "
+                            f"python preparation.py --csv data/{found[0]}")
+    faces, labels, usage, bad = read_csv(args.csv, skip_bad=args.skip_bad, progress=progress)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
+        if remove_leftovers(out, progress):
+            print(f"removed the temporary folders an earlier, killed run left beside {out}")
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.new-", dir=out.parent))
     except OSError as e:
         raise UserError(f"cannot write to {out.parent} ({e.strerror}): choose another --out") from None
+    written = False
     try:
         counts = write_images(faces, labels, usage, tmp, progress=progress)
         if bad:
@@ -242,17 +174,25 @@ def main(args):
                 w.writerow(["line", "problem"])
                 w.writerows(bad)
         plot_distribution(counts, tmp / "class_distribution.png")
-        swap_in(tmp, out)
+        written = True
     except OSError as e:
         raise UserError(f"cannot write under {out.parent} ({e.strerror}): free space or choose another --out") from None
+    except KeyboardInterrupt:
+        raise Interrupted(f"{out} was left as it was" if out.exists() else "nothing was written") from None
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # gone already after a successful swap
+        if not written:
+            shutil.rmtree(tmp, ignore_errors=True)
+    swap_in(tmp, out, progress)
 
     print(format_table(counts))
     if bad:
         print(f"skipped {describe_bad(bad)}; see {out / 'rejects.csv'}")
     print(f"wrote {len(faces)} images to {out} in {time.perf_counter() - start:.1f}s; "
           f"class chart: {out / 'class_distribution.png'}")
+    if FINAL_TEST in set(usage or ()):
+        print(f"train.py validates on '{SPLIT_FOLDERS[VALIDATION]}' ({VALIDATION}) and never reads "
+              f"'{SPLIT_FOLDERS[FINAL_TEST]}' ({FINAL_TEST}): score it once at the end with "
+              f"python test.py --eval \"{out / SPLIT_FOLDERS[FINAL_TEST]}\"")
     return {"out": out, "counts": counts, "bad": bad}
 
 

@@ -1,7 +1,11 @@
-"""preparation.py: CSV parsing and validation, the folders it writes, and that failures lose nothing."""
+"""The FER2013 CSV reader (common.py) and preparation.py: parsing, validation, the folders it writes, and that failures lose nothing."""
 import gzip
+import os
 import subprocess
 import sys
+import tarfile
+import zipfile
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -9,13 +13,14 @@ import pytest
 from hypothesis import given, settings, strategies as st
 from hypothesis.extra.numpy import arrays
 
+import common
 from common import EMOTIONS, UserError
 from conftest import ROOT, synthetic_faces, write_csv
 
 
 def test_parse_pixels_round_trip(preparation):
     face = np.arange(2304, dtype=np.int64).reshape(48, 48) % 256
-    out = preparation.parse_pixels(" ".join(map(str, face.ravel())))
+    out = common.parse_pixels(" ".join(map(str, face.ravel())))
     assert out.dtype == np.uint8 and out.shape == (48, 48)
     assert (out == face).all()
 
@@ -29,23 +34,23 @@ def test_parse_pixels_round_trip(preparation):
     (" ".join(["7"] * 2303 + ["2.5"]), "not a whole number"),
 ])
 def test_parse_pixels_rejects(preparation, text, message):
-    with pytest.raises(preparation.RowError, match=message):
-        preparation.parse_pixels(text)
+    with pytest.raises(common.RowError, match=message):
+        common.parse_pixels(text)
 
 
 @pytest.mark.parametrize("text, ok", [("0", 0), ("6", 6), (" 3 ", 3), ("7", None), ("-1", None), ("", None), ("a", None), ("2.5", None)])
 def test_parse_label(preparation, text, ok):
     if ok is None:
-        with pytest.raises(preparation.RowError):
-            preparation.parse_label(text)
+        with pytest.raises(common.RowError):
+            common.parse_label(text)
     else:
-        assert preparation.parse_label(text) == ok
+        assert common.parse_label(text) == ok
 
 
 @settings(max_examples=50, deadline=None)
 @given(arrays(np.uint8, (48, 48)), st.sampled_from([" ", "  ", "\t"]))
 def test_accepted_rows_round_trip(preparation, face, sep):
-    assert (preparation.parse_pixels(sep.join(map(str, face.ravel()))) == face).all()
+    assert (common.parse_pixels(sep.join(map(str, face.ravel()))) == face).all()
 
 
 mutations = st.one_of(
@@ -73,12 +78,12 @@ def test_rows_accepted_round_trip_and_rejected_name_the_line(preparation, tmp_pa
     lines[row + 1] = f"{text},3"
     path.write_text("\n".join(lines) + "\n")
     try:
-        expect = preparation.parse_pixels(text)
-    except preparation.RowError:
+        expect = common.parse_pixels(text)
+    except common.RowError:
         with pytest.raises(UserError, match=f"line {row + 2}: row "):
-            preparation.read_csv(path, progress=False)
+            common.read_csv(path, progress=False)
     else:
-        got, _, _, _ = preparation.read_csv(path, progress=False)
+        got, _, _, _ = common.read_csv(path, progress=False)
         assert (got[row] == expect).all()
         assert [float(v) for v in values] == expect.ravel().tolist()
 
@@ -90,9 +95,9 @@ def test_read_both_layouts_gz_and_crlf(preparation, tmp_path):
     gz = tmp_path / "c.csv.gz"
     gz.write_bytes(gzip.compress(ours.read_bytes()))
     for path in (ours, orig, gz):
-        f, y, usage, bad = preparation.read_csv(path, progress=False)
+        f, y, usage, bad = common.read_csv(path, progress=False)
         assert (f == faces).all() and (y == labels).all() and not bad
-    assert preparation.read_csv(orig, progress=False)[2][-1] == "PublicTest"
+    assert common.read_csv(orig, progress=False)[2][-1] == "PublicTest"
 
 
 def test_quoted_fields_and_spaces(preparation, tmp_path):
@@ -102,7 +107,7 @@ def test_quoted_fields_and_spaces(preparation, tmp_path):
     path.write_text("\n".join(rows) + "\n")
     # csv's default dialect keeps the space after a comma, so quote without it as spreadsheets do
     path.write_text(path.read_text().replace('", "', '","'))
-    f, y, _, _ = preparation.read_csv(path, progress=False)
+    f, y, _, _ = common.read_csv(path, progress=False)
     assert (f == faces).all() and (y == labels).all()
 
 
@@ -116,17 +121,17 @@ def test_bad_files(preparation, tmp_path, content, message):
     path = tmp_path / "bad.csv"
     path.write_bytes(content)
     with pytest.raises(UserError, match=message):
-        preparation.read_csv(path, progress=False)
+        common.read_csv(path, progress=False)
 
 
 def test_missing_and_truncated_gz(preparation, tmp_path, small_csv):
     with pytest.raises(UserError, match="not found"):
-        preparation.read_csv(tmp_path / "nope.csv")
+        common.read_csv(tmp_path / "nope.csv")
     data = gzip.compress(small_csv[0].read_bytes())
     gz = tmp_path / "t.csv.gz"
     gz.write_bytes(data[: len(data) // 2])
     with pytest.raises(UserError, match="truncated or damaged"):
-        preparation.read_csv(gz, progress=False)
+        common.read_csv(gz, progress=False)
 
 
 def test_bad_row_stops_or_is_skipped(preparation, tmp_path, small_csv):
@@ -136,8 +141,8 @@ def test_bad_row_stops_or_is_skipped(preparation, tmp_path, small_csv):
     lines[9] = "1 2 3,4"                                # too few values, line 10
     path.write_text("\n".join(lines) + "\n")
     with pytest.raises(UserError, match=r"line 6: row has label 9, .* \(2 bad rows, at lines 6, 10\)"):
-        preparation.read_csv(path, progress=False)
-    f, y, _, bad = preparation.read_csv(path, skip_bad=True, progress=False)
+        common.read_csv(path, progress=False)
+    f, y, _, bad = common.read_csv(path, skip_bad=True, progress=False)
     assert [n for n, _ in bad] == [6, 10] and len(f) == len(faces) - 2
 
 
@@ -158,12 +163,93 @@ def test_writes_folders_and_reruns_cleanly(preparation, tmp_path, small_csv):
 
 
 def test_usage_column_splits(preparation, tmp_path):
+    """PublicTest is train.py's validation folder; PrivateTest stays apart for the final score."""
     faces, labels = synthetic_faces(14)
-    path = write_csv(tmp_path / "o.csv", faces, labels, layout="orig", usage=["Training"] * 10 + ["PrivateTest"] * 4)
+    usage = ["Training"] * 8 + ["PublicTest"] * 2 + ["PrivateTest"] * 4
+    path = write_csv(tmp_path / "o.csv", faces, labels, layout="orig", usage=usage)
     out = tmp_path / "ds"
     res = preparation.main(preparation.parse_args(["--csv", str(path), "--out", str(out), "--no-progress"]))
-    assert sum(res["counts"]["Train data"]) == 10 and sum(res["counts"]["Test data"]) == 4
-    assert len(list((out / "Test data").rglob("*.jpg"))) == 4
+    assert [sum(res["counts"][s]) for s in ("Train data", "Test data", "Final test data")] == [8, 2, 4]
+    assert len(list((out / "Test data").rglob("*.jpg"))) == 2
+    assert len(list((out / "Final test data").rglob("*.jpg"))) == 4
+
+
+def kaggle_rows(n=14):
+    faces, labels = synthetic_faces(n)
+    usage = ["Training"] * (n - 4) + ["PublicTest"] * 2 + ["PrivateTest"] * 2
+    return faces, labels, usage
+
+
+@pytest.mark.parametrize("kind", ["zip", "zip-kaggle", "tar.gz", "tar"])
+def test_reads_the_csv_inside_an_archive(tmp_path, kind):
+    """Kaggle's download comes as a .zip (mirrors: .tar.gz); the CSV inside is read without extracting."""
+    faces, labels, usage = kaggle_rows()
+    csv_path = write_csv(tmp_path / "fer2013.csv", faces, labels, layout="orig", usage=usage)
+    archive = tmp_path / f"download.{kind.split('-')[0]}"
+    if kind.startswith("zip"):
+        with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as z:
+            if kind == "zip-kaggle":  # Kaggle's own zip: several CSVs, the one with every split is icml_face_data.csv
+                z.writestr("example_submission.csv", "id,emotion\n1,0\n")
+                z.writestr("train.csv", "emotion,pixels\n")
+                z.write(csv_path, "icml_face_data.csv")
+            else:
+                z.write(csv_path, "fer2013/fer2013.csv")
+    else:
+        with tarfile.open(archive, "w:gz" if kind == "tar.gz" else "w") as t:
+            t.add(csv_path, "fer2013/fer2013.csv")
+    f, y, u, bad = common.read_csv(archive, progress=False)
+    assert (f == faces).all() and (y == labels).all() and u == usage and not bad
+
+
+def test_archive_without_one_clear_csv(tmp_path):
+    several = tmp_path / "several.zip"
+    with zipfile.ZipFile(several, "w") as z:
+        z.writestr("a.csv", "input,target\n")
+        z.writestr("b.csv", "input,target\n")
+    with pytest.raises(UserError, match=r"several CSVs \(a.csv, b.csv\): extract FER2013's CSV"):
+        common.read_csv(several, progress=False)
+    none = tmp_path / "none.zip"
+    with zipfile.ZipFile(none, "w") as z:
+        z.writestr("readme.txt", "x")
+    with pytest.raises(UserError, match=r"no CSV \(readme.txt\)"):
+        common.read_csv(none, progress=False)
+    cut = tmp_path / "cut.zip"
+    cut.write_bytes(several.read_bytes()[:30])
+    with pytest.raises(UserError, match="truncated or damaged"):
+        common.read_csv(cut, progress=False)
+
+
+def test_interrupt_while_removing_the_old_folder(preparation, tmp_path, small_csv, monkeypatch, capsys):
+    """Ctrl-C after the new folder is in place: the old copy is still removed and the message says what happened."""
+    path, faces, _ = small_csv
+    out = tmp_path / "ds"
+    preparation.main(preparation.parse_args(["--csv", str(path), "--out", str(out), "--no-progress"]))
+    (out / "Train data" / "anger" / "stale.jpg").write_bytes(b"x")
+    real = preparation.remove_tree
+
+    def interrupted(folder, *a, **k):
+        os.remove(next(Path(folder).rglob("*.jpg")))  # part of the way through
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(preparation, "remove_tree", interrupted)
+    with pytest.raises(SystemExit) as e:
+        common.run_main(preparation.main, preparation.parse_args(["--csv", str(path), "--out", str(out), "--no-progress"]))
+    assert e.value.code == 130
+    assert "already complete with the new images; the previous copy was removed" in capsys.readouterr().err
+    assert len(list(out.rglob("*.jpg"))) == len(faces) and not (out / "Train data" / "anger" / "stale.jpg").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    monkeypatch.setattr(preparation, "remove_tree", real)
+
+
+def test_leftovers_of_a_killed_run_are_removed(preparation, tmp_path, small_csv, capsys):
+    """A run killed outright (no Ctrl-C handling) leaves hidden folders; the next run removes them and says so."""
+    out = tmp_path / "ds"
+    for name in (".ds.new-abc", ".ds.old-def"):
+        (tmp_path / name / "Train data").mkdir(parents=True)
+        (tmp_path / name / "Train data" / "x.jpg").write_bytes(b"x")
+    preparation.main(preparation.parse_args(["--csv", str(small_csv[0]), "--out", str(out), "--no-progress"]))
+    assert "removed the temporary folders" in capsys.readouterr().out
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
 def test_failed_run_keeps_previous_output(preparation, tmp_path, small_csv, monkeypatch):
@@ -176,7 +262,7 @@ def test_failed_run_keeps_previous_output(preparation, tmp_path, small_csv, monk
         raise KeyboardInterrupt
 
     monkeypatch.setattr(preparation, "plot_distribution", boom)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt, match=f"{out} was left as it was"):
         preparation.main(preparation.parse_args(["--csv", str(path), "--out", str(out), "--no-progress"]))
     assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
