@@ -22,11 +22,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common import (EMOTIONS, IMAGE_SIZE, NORM_MEAN, NORM_STD, CHECKPOINT_FORMAT, REPO_ROOT, TEST_SHIFT, UserError,
-                    atomic_save, autocast_for, build_model, choose_device, count_parameters, cpu_has_bf16,
-                    fuse_for_inference, load_checkpoint, predict_proba, run_main, set_seed, to_input)
+from common import (EMOTIONS, IMAGE_SIZE, NORM_MEAN, NORM_STD, CHECKPOINT_FORMAT, REPO_ROOT, TEST_SHIFT, VALIDATION,
+                    Interrupted, UserError, atomic_save, autocast_for, build_model, choose_device, count_parameters,
+                    cpu_has_bf16, fuse_for_inference, held_out_rows, load_checkpoint, metrics_from_confusion,
+                    plot_confusion, predict_proba, project_relative, read_csv, run_main, set_seed, to_input)
 
 DEFAULT_ARCH = "EmotionNet"
+MODEL_NAME = "Facial_Emotion_Recognizer.pt"
+RUNS_DIR = REPO_ROOT / "runs"  # each run's own folder unless --out names a file: a trial run never replaces a model
+# The schedule a run is started with; --resume takes it from the checkpoint (a changed schedule cannot resume).
+SCHEDULE_DEFAULTS = {"epochs": 100, "batch_size": 128, "lr": 0.1, "mixup": 0.0, "seed": 0, "max_batches": 0}
 VAL_HELP = "pass a FER2013 CSV (.csv or .csv.gz) or a folder with one folder per emotion"
 # A 32-channel stem at 48x48, then one residual block at each of 24, 12, 6 and 3 pixels (48-384 channels):
 # 2.75M parameters for 0.46 GFLOP a training image. Against 64-512 channels (4.88M, 0.80 GFLOP) it trains
@@ -102,9 +107,11 @@ def load_val_source(path, classes, progress=True, log=print):
     if problem:
         raise UserError(problem)
     if path.is_file():
-        from preparation import read_csv
-
-        faces, ids, _, _ = read_csv(path, progress=progress)
+        faces, ids, usage, _ = read_csv(path, progress=progress)
+        rows, which = held_out_rows(path, usage, only=VALIDATION)  # never rows marked Training
+        if rows is not None:
+            faces, ids = faces[rows], ids[rows]
+            log(f"--val {path.name}: {which}")
         names = [EMOTIONS[i] for i in ids]
     else:
         faces, labels, val_classes, skipped = load_image_folder(path, progress)
@@ -131,11 +138,48 @@ def stratified_split(labels, fraction, seed):
     return train_test_split(idx, test_size=n_val, stratify=labels, random_state=seed)
 
 
-def augment(x, gen, max_rotate=10.0, max_shift=0.1, scale=(0.9, 1.1), erase_p=0.5):
+# --photo-aug: photos are lit, exposed, framed and sharp in other ways than FER2013's faces.
+PHOTO_P = 0.5               # share of faces given a photo's look; the rest stay as FER2013 has them
+PHOTO_GAMMA = 0.4           # gamma exp(U(-0.4, 0.4)): 0.67-1.49, under- and over-exposed faces
+PHOTO_CONTRAST = (0.6, 1.4)  # around each face's own mean: flat and harsh light
+PHOTO_BRIGHTNESS = 0.1      # +-10% of the gray range
+PHOTO_LOW_RES_P = 0.3       # share of faces seen at a lower resolution (a small face in a photo, a blurred one)
+PHOTO_LOW_RES = (20, 40)    # the side they are shrunk to before being scaled back to 48 px
+PHOTO_NOISE = 0.03          # sensor noise, standard deviation up to 3% of the gray range
+PHOTO_SCALE = (0.85, 1.15)  # wider than FER2013's own framing jitter: a detector frames faces less alike
+
+
+def photo_look(x, gen):
+    """For PHOTO_P of the faces: gamma, contrast and brightness, for some a lower resolution, and a little noise.
+
+    x: normalised float (N, 1, H, W); returns the same, every change drawn from `gen`.
+    """
+    n, size = x.shape[0], x.shape[-1]
+    r = lambda *s: torch.rand(*s, generator=gen).to(x.device)  # noqa: E731
+    col = lambda v: v.view(n, 1, 1, 1)  # noqa: E731
+    px = (x * NORM_STD + NORM_MEAN).clamp(0, 1)
+    px = px.pow(col(torch.exp((r(n) * 2 - 1) * PHOTO_GAMMA)))
+    lo, hi = PHOTO_CONTRAST
+    mean = px.mean((1, 2, 3), keepdim=True)
+    px = (px - mean) * col(lo + r(n) * (hi - lo)) + mean + col((r(n) * 2 - 1) * PHOTO_BRIGHTNESS)
+    low = (r(n) < PHOTO_LOW_RES_P).nonzero().flatten()
+    if len(low):
+        side = int(PHOTO_LOW_RES[0] + r(1).item() * (PHOTO_LOW_RES[1] - PHOTO_LOW_RES[0]))
+        small = F.interpolate(px[low], size=(side, side), mode="area")
+        px = px.index_copy(0, low, F.interpolate(small, size=(size, size), mode="bilinear", align_corners=False))
+    noise = torch.randn(px.shape, generator=gen).to(x.device) * col(r(n) * PHOTO_NOISE)
+    looked = ((px + noise).clamp(0, 1) - NORM_MEAN) / NORM_STD
+    return torch.where(col(r(n) < PHOTO_P), looked, x)
+
+
+def augment(x, gen, max_rotate=10.0, max_shift=0.1, scale=(0.9, 1.1), erase_p=0.5, photo=False):
     """Random flip, rotation, scale and shift (one affine warp per batch), then random erasing.
 
+    With `photo`, a wider scale jitter and photo_look() before the erasing.
     x: normalised float (N, 1, H, W). All randomness comes from `gen`, so a seeded epoch is repeatable.
     """
+    if photo:
+        scale = PHOTO_SCALE
     n = x.shape[0]
     # Drawn on the CPU generator and moved: the same numbers on any device, so GPU runs augment identically.
     r = lambda *s: torch.rand(*s, generator=gen).to(x.device)  # noqa: E731
@@ -147,6 +191,8 @@ def augment(x, gen, max_rotate=10.0, max_shift=0.1, scale=(0.9, 1.1), erase_p=0.
                          torch.stack([sin * flip, cos, (r(n) * 2 - 1) * max_shift * 2], 1)], 1)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    if photo:
+        x = photo_look(x, gen)
     # Random erasing: one rectangle of 2-25% of the image per chosen face, filled with 0 (the mean).
     h, w = x.shape[2:]
     area = (0.02 + r(n) * 0.23) * h * w
@@ -291,7 +337,8 @@ def train_one_epoch(model, ema, faces, labels, optimizer, scheduler, device, arg
     for b in bar:
         idx = order[b * args.batch_size:(b + 1) * args.batch_size]
         # Faces live on the training device (uint8), so on a GPU the augmentation runs there too.
-        x = augment(to_input(faces[idx.to(faces.device)]), gen).contiguous(memory_format=torch.channels_last)
+        x = augment(to_input(faces[idx.to(faces.device)]), gen, photo=args.photo_aug)
+        x = x.contiguous(memory_format=torch.channels_last)
         y = labels[idx.to(labels.device)]
         lam, partner = 1.0, None
         if args.mixup > 0:
@@ -338,46 +385,8 @@ def evaluate(model, faces, labels, device, bf16, n_classes=None, procs=Dist()):
     return metrics_from_confusion(cms[0]), metrics_from_confusion(cms[1])
 
 
-def metrics_from_confusion(cm):
-    """Accuracy, macro-F1 and per-class precision/recall/F1 (0 where undefined, as scikit-learn) of a confusion matrix."""
-    cm = np.asarray(cm, dtype=np.int64)
-    tp, predicted, support = np.diag(cm), cm.sum(0), cm.sum(1)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        p = np.where(predicted > 0, tp / np.maximum(predicted, 1), 0.0)
-        r = np.where(support > 0, tp / np.maximum(support, 1), 0.0)
-        f = np.where(p + r > 0, 2 * p * r / np.where(p + r > 0, p + r, 1), 0.0)
-    return {
-        "accuracy": float(tp.sum() / max(cm.sum(), 1)),
-        "macro_f1": float(f.mean()),
-        "confusion": cm.tolist(),
-        "per_class": {"precision": p.tolist(), "recall": r.tolist(), "f1": f.tolist(), "support": support.tolist()},
-    }
-
-
 # ---------------------------------------------------------------------------------------------
 # Outputs
-
-
-def plot_confusion(confusion, classes, path, normalize, title):
-    """The confusion matrix as a seaborn heatmap, counts or row-normalised rates."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import seaborn as sns
-
-    cm = np.array(confusion, dtype=float)
-    if normalize:
-        cm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
-    fig, ax = plt.subplots(figsize=(7, 6))
-    sns.heatmap(cm, annot=True, fmt=".2f" if normalize else ".0f", cmap="Blues", xticklabels=classes,
-                yticklabels=classes, ax=ax, cbar=True)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def plot_curves(history, path):
@@ -438,6 +447,7 @@ class Run:
     uses_bf16: bool
     procs: Dist
     skipped: list
+    backup: Path = None
 
 
 def save_epoch(run, epoch, history, best, is_best, first_save):
@@ -445,16 +455,16 @@ def save_epoch(run, epoch, history, best, is_best, first_save):
     args, model, ema, classes = run.args, run.model, run.ema, run.classes
     wall = time.time() - run.started  # one figure for the checkpoint and the metrics JSON
     paths = output_paths(args.out, args.plots)
-    train_args = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    train_args = {k: (project_relative(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     ckpt = {
         "format_version": CHECKPOINT_FORMAT, "arch": DEFAULT_ARCH, "arch_args": DEFAULT_ARCH_ARGS,
         "class_names": list(classes), "input_size": IMAGE_SIZE, "mean": NORM_MEAN, "std": NORM_STD,
         "epoch": epoch + 1, "train_args": train_args,
     }
     if is_best:
-        # The first save of a fresh run keeps the model it replaces as *.bak.pt.
+        # The first save of a run started with --replace keeps the model it replaces (run.backup).
         atomic_save({**ckpt, "state_dict": ema.module.state_dict(), "metrics": best["metrics"]}, args.out,
-                    backup=first_save and not args.resume)
+                    backup=run.backup if first_save else None)
     last = {**ckpt, "state_dict": model.state_dict(), "ema": ema.state_dict(), "optimizer": run.optimizer.state_dict(),
             "scheduler": run.scheduler.state_dict(), "history": history, "best": best,
             "wall_seconds": wall}
@@ -468,8 +478,16 @@ def save_epoch(run, epoch, history, best, is_best, first_save):
         "train_wall_seconds": wall,
         "epoch_seconds": [h["seconds"] for h in history], "history": history, "train_args": train_args,
         "device": str(run.device), "bf16": run.uses_bf16, "threads": torch.get_num_threads(),
-        "processes": run.procs.world, "skipped_images": [str(p) for p, _ in run.skipped],
+        "processes": run.procs.world, "skipped_images": [project_relative(p) for p, _ in run.skipped],
     }, paths["metrics"])
+
+
+def display_path(path):
+    """A path as a user types it: relative to the current folder when inside it."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
 
 
 def write_plots(best, history, classes, paths):
@@ -486,50 +504,131 @@ def write_plots(best, history, classes, paths):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Train the facial emotion CNN on an ImageFolder tree.")
+    d = SCHEDULE_DEFAULTS
     p.add_argument("--data", type=Path, default=REPO_ROOT / "face_datasets" / "Train data",
                    help="folder with one subfolder per emotion (default: face_datasets/Train data)")
     p.add_argument("--val", type=Path, default=None,
-                   help="validation folder or FER2013 CSV (default: face_datasets/Test data if present, "
-                        f"else a stratified {VAL_FRACTION:.0%} hold-out)")
-    p.add_argument("--out", type=Path, default=REPO_ROOT / "models" / "Facial_Emotion_Recognizer.pt",
-                   help="model file to write (default: models/Facial_Emotion_Recognizer.pt)")
+                   help="validation folder or FER2013 CSV, whose PublicTest rows are used where it has a Usage column "
+                        f"(default: face_datasets/Test data if present, else a stratified {VAL_FRACTION:.0%}% hold-out)")
+    p.add_argument("--out", type=Path, default=None,
+                   help=f"model file to write; an existing one only with --replace (default: a new folder "
+                        f"runs/<date-time>/ holding {MODEL_NAME} and its plots; with --resume, the resumed run's file)")
+    p.add_argument("--replace", action="store_true",
+                   help="let --out overwrite an existing model (kept as <name>.<date-time>.bak.pt) and its plots "
+                        "(default: refuse)")
     p.add_argument("--plots", type=Path, default=None, help="folder for plots (default: beside --out)")
-    p.add_argument("--epochs", type=int, default=100, help="training epochs (default: 100)")
-    p.add_argument("--batch-size", type=int, default=128, help="batch size (default: 128)")
-    p.add_argument("--lr", type=float, default=0.1, help="peak SGD learning rate of the one-cycle schedule (default: 0.1)")
-    p.add_argument("--mixup", type=float, default=0.0, metavar="ALPHA",
+    p.add_argument("--epochs", type=int, default=None, help=f"training epochs (default: {d['epochs']})")
+    p.add_argument("--batch-size", type=int, default=None, help=f"batch size (default: {d['batch_size']})")
+    p.add_argument("--lr", type=float, default=None,
+                   help=f"peak SGD learning rate of the one-cycle schedule (default: {d['lr']})")
+    p.add_argument("--mixup", type=float, default=None, metavar="ALPHA",
                    help="mixup: blend each training batch with a shuffled copy of itself, weight ~ Beta(ALPHA, ALPHA) "
                         "(default: 0 = off)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--photo-aug", action="store_true",
+                   help="train for photos too: lighting, exposure, resolution, noise and framing changes (default: off)")
+    p.add_argument("--seed", type=int, default=None, help=f"random seed (default: {d['seed']})")
     p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto",
                    help="device (default: auto = cuda, then mps, then cpu)")
-    p.add_argument("--max-batches", type=int, default=0, help="stop each epoch after N batches, for smoke tests (default: 0 = all)")
-    p.add_argument("--resume", type=Path, default=None, help="continue from a *.last.pt checkpoint (default: start fresh)")
+    p.add_argument("--max-batches", type=int, default=None,
+                   help="stop each epoch after N batches, for a quick try (default: 0 = all)")
+    p.add_argument("--resume", type=Path, default=None,
+                   help="continue from a *.last.pt checkpoint with its own schedule (default: start fresh)")
     p.add_argument("--no-bf16", dest="bf16", action="store_false",
                    help="train in float32 (default: bfloat16 autocast where the CPU or GPU supports it)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (default: shown)")
     p.add_argument("--debug", action="store_true", help="show tracebacks (default: one-line errors)")
     args = p.parse_args(argv)
     for flag in ("epochs", "batch_size"):
-        if getattr(args, flag) < 1:
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be at least 1")
-    if not 0 < args.lr < math.inf:
+    if args.max_batches is not None and args.max_batches < 0:
+        p.error("--max-batches must be 0 (all) or more")
+    if args.lr is not None and not 0 < args.lr < math.inf:
         p.error("--lr must be a positive number")
-    if not 0 <= args.mixup < math.inf:
+    if args.mixup is not None and not 0 <= args.mixup < math.inf:
         p.error("--mixup must be 0 (off) or a positive number")
     problem = args.val is not None and val_source_problem(args.val)
     if problem:  # before minutes of loading the training images
         p.error(problem)
+    if args.resume is None:  # with --resume the checkpoint's schedule fills them in (resume_schedule)
+        for k, v in SCHEDULE_DEFAULTS.items():
+            if getattr(args, k) is None:
+                setattr(args, k, v)
     args.weight_decay = 5e-4
     args.label_smoothing = 0.1
     args.ema_decay = 0.999
     return args
 
 
+def resume_schedule(args):
+    """The checkpoint `args.resume` (read once); its schedule fills the flags not given, and a different one stops.
+
+    OneCycleLR's schedule is fixed by epochs, batches and rate when a run starts: another --epochs or
+    --max-batches cannot continue it (PyTorch fails mid-epoch), so the clash is named before any work.
+    """
+    ck = load_checkpoint(args.resume)
+    if "optimizer" not in ck:
+        raise UserError(f"--resume {args.resume} has no optimiser state: pass the *.last.pt file written beside the model")
+    recorded = ck.get("train_args", {})
+    clashes = []
+    for k, default in SCHEDULE_DEFAULTS.items():
+        was = recorded.get(k, default)
+        if getattr(args, k) is None:
+            setattr(args, k, was)
+        elif getattr(args, k) != was:
+            clashes.append(f"--{k.replace('_', '-')} {was} (not {getattr(args, k)})")
+    if clashes:
+        raise UserError(f"--resume {args.resume}: that run was started with {', '.join(clashes)}; resume without "
+                        "those flags to finish it, or start a new run without --resume")
+    return ck
+
+
+def previous_score(path):
+    """' (69.7% on val.csv.gz)' from the metrics JSON beside an existing model file, or ''."""
+    metrics = path.with_name((path.name[:-3] if path.name.endswith(".pt") else path.name) + ".metrics.json")
+    try:
+        v = json.loads(metrics.read_text())["validation"]
+        return f" ({v['accuracy']:.1%} on {v['validation_set']})"
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
+
+
+def choose_outputs(args):
+    """Fill in --out and say where a replaced model is kept; refuse to overwrite a model without --replace.
+
+    Returns the backup path for the model --out replaces (None when nothing is replaced).
+    """
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    if args.resume is not None:
+        own = args.resume.with_name(args.resume.name.replace(".last.pt", ".pt"))
+        if args.out is None:
+            args.out = own
+        if args.out.resolve() == own.resolve():
+            return None  # the resumed run's own model
+    elif args.out is None:
+        folder = RUNS_DIR / stamp
+        n = 2
+        while folder.exists():
+            folder, n = RUNS_DIR / f"{stamp}-{n}", n + 1
+        args.out = folder / MODEL_NAME
+        return None
+    if args.out.is_dir():
+        raise UserError(f"--out {args.out} is a folder: name the model file, e.g. {args.out / MODEL_NAME}")
+    if not args.out.exists():
+        return None
+    if not args.replace:
+        raise UserError(f"--out {args.out} exists{previous_score(args.out)}: pass --replace to overwrite it (the old "
+                        f"one is kept as a .bak.pt), or leave --out out and the run gets its own folder under runs/")
+    stem = args.out.name[:-3] if args.out.name.endswith(".pt") else args.out.name
+    return args.out.with_name(f"{stem}.{stamp}.bak.pt")
+
+
 def main(args):
+    resumed = resume_schedule(args) if args.resume is not None else None
+    backup = choose_outputs(args)
     device, procs = setup_processes(args.device)
     try:
-        return train(args, device, procs)
+        return train(args, device, procs, resumed=resumed, backup=backup)
     finally:
         if procs.world > 1:
             import torch.distributed as dist
@@ -537,7 +636,18 @@ def main(args):
             dist.destroy_process_group()
 
 
-def train(args, device, procs):
+def interrupted_note(args, best, epochs_saved, backup):
+    """What an interrupted run leaves behind, in one line, true in each case."""
+    if not epochs_saved:
+        kept = f"; {args.out} was left as it was" if args.out.exists() else ""
+        return f"no epoch finished, so nothing was written{kept}"
+    last = output_paths(args.out, args.plots)["last"]
+    kept = f"; the model it replaced is kept as {backup}" if backup is not None and backup.exists() else ""
+    return (f"{args.out} holds the best epoch so far ({best['epoch']}, {best['accuracy']:.1%}){kept}; "
+            f"finish the run with python train.py --resume {last}")
+
+
+def train(args, device, procs, resumed=None, backup=None):
     from torch.optim.swa_utils import AveragedModel
 
     started = time.time()  # the wall time recorded counts data loading, validation and saving too
@@ -594,10 +704,8 @@ def train(args, device, procs):
 
     paths = output_paths(args.out, args.plots)
     start_epoch, history, best = 0, [], None
-    if args.resume:
-        ck = load_checkpoint(args.resume)
-        if "optimizer" not in ck:
-            raise UserError(f"--resume {args.resume} has no optimiser state: pass the *.last.pt file written beside the model")
+    if resumed is not None:
+        ck = resumed
         if ck["class_names"] != classes or ck["arch_args"] != DEFAULT_ARCH_ARGS:
             raise UserError(f"--resume {args.resume} was trained on other classes or another architecture: start fresh")
         model.load_state_dict(ck["state_dict"])
@@ -613,8 +721,8 @@ def train(args, device, procs):
     n_params = count_parameters(model)
     log(f"model: {DEFAULT_ARCH} {DEFAULT_ARCH_ARGS}, {n_params:,} parameters")
     run = Run(args, model, ema, optimizer, scheduler, scaler, list(classes), n_params, started, device, uses_bf16, procs,
-              skipped)
-    saved_model = False
+              skipped, backup)
+    saved_model, epochs_saved = False, 0
     try:
         for epoch in range(start_epoch, args.epochs):
             t0 = time.time()
@@ -639,23 +747,27 @@ def train(args, device, procs):
                 }}
             if procs.main:
                 save_epoch(run, epoch, history, best, is_best, first_save=not saved_model)
-                saved_model = saved_model or is_best
+                saved_model, epochs_saved = saved_model or is_best, epochs_saved + 1
             # Every process waits for rank 0's files, so a fault in any process leaves this epoch saved.
             procs.barrier()
-    except BaseException:
+    except BaseException as e:
         # An interrupted or failed run still leaves its plots, but the first error is the one reported.
         if procs.main and best is not None:
             try:
                 write_plots(best, history, classes, paths)
-            except Exception as e:
-                print(f"warning: the plots were not drawn: {type(e).__name__}: {e}", file=sys.stderr)
+            except Exception as err:
+                print(f"warning: the plots were not drawn: {type(err).__name__}: {err}", file=sys.stderr)
+        if isinstance(e, KeyboardInterrupt) and not isinstance(e, Interrupted):
+            raise Interrupted(interrupted_note(args, best, epochs_saved, backup)) from None
         raise
     # Plots once, at the end: per epoch they cost ~3 s of the 2 hours.
     if procs.main and best is not None:
         write_plots(best, history, classes, paths)
     procs.barrier()  # no process leaves before rank 0 has written the files
     log(f"best validation accuracy {best['accuracy']:.4f} at epoch {best['epoch']}; model: {args.out}; "
-          f"plots: {paths['cm_counts'].parent}")
+        f"plots: {paths['cm_counts'].parent}")
+    if procs.main and args.out.resolve() != (REPO_ROOT / "models" / MODEL_NAME).resolve():
+        log(f"use it: python test.py --model {display_path(args.out)} photo.jpg")
     return {"model": args.out, "best": best, "history": history, "paths": paths}
 
 

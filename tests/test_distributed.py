@@ -15,9 +15,10 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="th
 
 
 def torchrun(*args, nproc=2, script=ROOT / "train.py"):
+    """train.py under torchrun on CPU processes: on a GPU machine, --device auto would pick CUDA, one GPU each."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           str(script), *map(str, args)]
+           str(script), *map(str, args), "--device", "cpu"]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
 
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+import common
 from common import EMOTIONS, TEST_SHIFT, UserError, load_checkpoint
 from conftest import ROOT, synthetic_faces, write_csv
 
@@ -23,9 +24,11 @@ def dataset(tmp_path_factory, preparation):
     return tmp / "face_datasets"
 
 
-def tiny_args(train, data, out, *extra):
-    return train.parse_args(["--data", str(data), "--out", str(out), "--epochs", "2", "--batch-size", "16",
-                             "--max-batches", "2", "--no-progress", *extra])
+def tiny_args(train, data, out, *extra, schedule=True):
+    """A two-epoch run of two batches on the CPU (a GPU machine's auto device would pick CUDA)."""
+    sched = ["--epochs", "2", "--batch-size", "16", "--max-batches", "2"] if schedule else []
+    return train.parse_args(["--data", str(data), *(["--out", str(out)] if out else []), *sched, "--no-progress",
+                             "--device", "cpu", *extra])
 
 
 def copy_data(dataset, tmp_path):
@@ -159,12 +162,75 @@ def test_plot_failure_does_not_hide_the_first_error(train, dataset, tmp_path, mo
         train.main(tiny_args(train, dataset / "Train data", tmp_path / "n.pt"))
 
 
-def test_model_is_backed_up_before_replacing(train, dataset, tmp_path):
+def test_an_existing_model_is_replaced_only_with_replace(train, dataset, tmp_path):
+    """A trial run never replaces a model; --replace does, keeping the old one under a name of its own."""
     out = tmp_path / "m.pt"
     out.write_bytes(b"the earlier model")
-    train.main(tiny_args(train, dataset / "Train data", out))
-    assert out.with_suffix(".bak.pt").read_bytes() == b"the earlier model"
+    (tmp_path / "m.metrics.json").write_text(json.dumps({"validation": {"accuracy": 0.697, "validation_set": "v.csv"}}))
+    with pytest.raises(UserError, match=r"m.pt exists \(69.7% on v.csv\): pass --replace"):
+        train.main(tiny_args(train, dataset / "Train data", out))
+    assert out.read_bytes() == b"the earlier model" and sorted(p.name for p in tmp_path.iterdir()) == ["m.metrics.json", "m.pt"]
+    train.main(tiny_args(train, dataset / "Train data", out, "--replace"))
     load_checkpoint(out)
+    train.main(tiny_args(train, dataset / "Train data", out, "--replace"))
+    backups = sorted(tmp_path.glob("m.*.bak.pt"))  # one per replacing run: a second run keeps the first backup
+    assert len(backups) == 2 and backups[0].read_bytes() == b"the earlier model", backups
+
+
+def test_default_output_is_a_new_run_folder(train, dataset, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(train, "RUNS_DIR", tmp_path / "runs")
+    for _ in range(2):
+        train.main(tiny_args(train, dataset / "Train data", None))
+    runs = sorted((tmp_path / "runs").iterdir())
+    assert len(runs) == 2 and all((r / "Facial_Emotion_Recognizer.pt").is_file() for r in runs)
+    assert "use it: python test.py --model " in capsys.readouterr().out
+
+
+def test_resume_takes_the_checkpoint_schedule_or_refuses_up_front(train, dataset, tmp_path, monkeypatch):
+    data = dataset / "Train data"
+    out = tmp_path / "m.pt"
+    real = train.train_one_epoch
+
+    def interrupted(*args, **kwargs):
+        if args[8] == 1:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train, "train_one_epoch", interrupted)
+    with pytest.raises(KeyboardInterrupt, match=r"m.pt holds the best epoch so far \(1, .*--resume .*m.last.pt"):
+        train.main(tiny_args(train, data, out))
+    monkeypatch.setattr(train, "train_one_epoch", real)
+    last = str(tmp_path / "m.last.pt")
+    loaded = []
+    monkeypatch.setattr(train, "load_image_folder", lambda *a, **k: loaded.append(1) / 0)
+    with pytest.raises(UserError, match=r"started with --epochs 2 \(not 5\), --max-batches 2 \(not 20\); resume without"):
+        train.main(train.parse_args(["--resume", last, "--epochs", "5", "--max-batches", "20", "--device", "cpu"]))
+    assert not loaded, "the clash is found before the images load"
+    monkeypatch.undo()
+    res = train.main(tiny_args(train, data, None, "--resume", last, schedule=False))  # no schedule flags: the checkpoint's
+    assert res["model"] == out and torch.load(last, weights_only=True)["epoch"] == 2
+
+
+def test_interrupt_before_the_first_epoch_writes_nothing(train, dataset, tmp_path, monkeypatch, capsys):
+    def stop(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "train_one_epoch", stop)
+    with pytest.raises(SystemExit) as e:
+        common.run_main(train.main, tiny_args(train, dataset / "Train data", tmp_path / "new" / "m.pt"))
+    assert e.value.code == 130 and "interrupted: no epoch finished, so nothing was written" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
+
+
+def test_recorded_paths_are_not_the_build_machines(train, dataset, tmp_path):
+    train.main(tiny_args(train, dataset / "Train data", tmp_path / "m.pt"))
+    recorded = torch.load(tmp_path / "m.pt", weights_only=True)["train_args"]
+    assert recorded["data"] == "Train data" and recorded["out"] == "m.pt", recorded
+    shipped = load_checkpoint(ROOT / "models" / "Facial_Emotion_Recognizer.pt")["train_args"]
+    metrics = json.loads((ROOT / "models" / "Facial_Emotion_Recognizer.metrics.json").read_text())["train_args"]
+    for args in (shipped, metrics):
+        paths = [v for v in args.values() if isinstance(v, str) and "/" in v]
+        assert not [v for v in paths if v.startswith("/") or ".." in v], args
 
 
 def test_cli_errors(dataset, tmp_path):
@@ -202,6 +268,21 @@ def test_bad_val_sources(train, dataset, tmp_path):
     assert faces.shape == (28, 48, 48) and np.bincount(labels).tolist() == [4] * 7
 
 
+def test_val_csv_with_usage_validates_on_publictest_only(train, tmp_path):
+    """Kaggle's fer2013.csv as --val: the PublicTest rows, never Training (learned) nor PrivateTest (the final test)."""
+    faces, labels = synthetic_faces(21)
+    usage = ["Training"] * 7 + ["PublicTest"] * 7 + ["PrivateTest"] * 7
+    faces[7:14] = 200  # the PublicTest faces, recognisable
+    path = write_csv(tmp_path / "fer2013.csv", faces, labels, layout="orig", usage=usage)
+    said = []
+    got, _ = train.load_val_source(path, list(EMOTIONS), progress=False, log=said.append)
+    assert len(got) == 7 and (got == 200).all()
+    assert said == ["--val fer2013.csv: rows by Usage: PublicTest 7; 14 other rows left out"]
+    only_training = write_csv(tmp_path / "t.csv", faces, labels, layout="orig", usage=["Training"] * 21)
+    with pytest.raises(UserError, match="every row is marked Training"):
+        train.load_val_source(only_training, list(EMOTIONS), progress=False)
+
+
 def test_mixup_blends_each_face_with_a_partner(train):
     x = torch.randn(16, 1, 48, 48)
     mixed, lam, partner = train.mixup(x, torch.Generator().manual_seed(5), alpha=0.2)
@@ -221,3 +302,24 @@ def test_mixup_changes_training_and_is_recorded(train, dataset, tmp_path):
     mixed = torch.load(tmp_path / "b" / "m.last.pt", weights_only=True)
     assert plain["train_args"]["mixup"] == 0.0 and mixed["train_args"]["mixup"] == 0.4
     assert any(not torch.equal(v, mixed["state_dict"][k]) for k, v in plain["state_dict"].items())
+
+
+def test_photo_look_is_seeded_and_keeps_some_faces_as_they_are(train):
+    x = torch.randn(64, 1, 48, 48).clamp(-1.9, 1.9)
+    a = train.photo_look(x, torch.Generator().manual_seed(4))
+    b = train.photo_look(x, torch.Generator().manual_seed(4))
+    assert torch.equal(a, b) and a.shape == x.shape
+    unchanged = (a == x).flatten(1).all(1).float().mean().item()
+    assert 0.3 < unchanged < 0.7, unchanged  # PHOTO_P of the faces get a photo's look
+    pixels = a * common.NORM_STD + common.NORM_MEAN
+    assert pixels.min() >= -1e-6 and pixels.max() <= 1 + 1e-6  # still gray levels
+
+
+def test_photo_aug_flag_changes_training_and_is_recorded(train, dataset, tmp_path):
+    data = dataset / "Train data"
+    train.main(tiny_args(train, data, tmp_path / "a" / "m.pt"))
+    train.main(tiny_args(train, data, tmp_path / "b" / "m.pt", "--photo-aug"))
+    plain = torch.load(tmp_path / "a" / "m.last.pt", weights_only=True)
+    photo = torch.load(tmp_path / "b" / "m.last.pt", weights_only=True)
+    assert plain["train_args"]["photo_aug"] is False and photo["train_args"]["photo_aug"] is True
+    assert any(not torch.equal(v, photo["state_dict"][k]) for k, v in plain["state_dict"].items())
