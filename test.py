@@ -12,16 +12,19 @@ classified in one batch, each resampled a quarter pixel off as training's warps 
 face (common.TEST_SHIFT), with the mirror image averaged in (as train.py validates).
 """
 import argparse
+import contextlib
 import csv
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from common import (EMOTIONS, IMAGE_EXTENSIONS, IMAGE_SIZE, REPO_ROOT, UserError, choose_device, crop_face,
-                    detect_faces, load_checkpoint, load_face_detector, model_from_checkpoint, predict_proba, run_main)
+from common import (EMOTIONS, IMAGE_EXTENSIONS, IMAGE_SIZE, REPO_ROOT, Interrupted, UserError, choose_device, crop_face,
+                    detect_faces, held_out_rows, load_checkpoint, load_face_detector, metrics_from_confusion,
+                    model_from_checkpoint, plot_confusion, predict_proba, read_csv, run_main)
 
 DEFAULT_MODEL = REPO_ROOT / "models" / "Facial_Emotion_Recognizer.pt"
 SAMPLE_PHOTO = REPO_ROOT / "samples" / "grace_hopper.jpg"
@@ -112,7 +115,14 @@ class Recognizer:
         self.detect = detect
         self.detector_args = {"scale_factor": scale_factor, "min_neighbors": min_neighbors, "min_weight": min_weight,
                               "min_size_frac": min_face, "max_side": detect_size}
-        self.cascade = load_face_detector()
+        self._cascade = None
+
+    @property
+    def cascade(self):
+        """The face detector, loaded at first use: scoring a CSV of face crops needs none."""
+        if self._cascade is None:
+            self._cascade = load_face_detector()
+        return self._cascade
 
     def classify(self, faces):
         """Probabilities (N, C) for uint8 face crops (N, 48, 48)."""
@@ -172,6 +182,22 @@ def output_path(out_dir, src, used, suffix="_emotions", ext=None):
     return out_dir / name
 
 
+@contextlib.contextmanager
+def written_whole(dest):
+    """A temporary path beside `dest` (same extension, so writers pick the format) renamed onto it on success.
+
+    An interrupted or failed write leaves the earlier `dest` as it was and no partial file behind.
+    """
+    dest = Path(dest)
+    tmp = dest.with_name(f".{dest.stem}.partial{dest.suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, dest)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
 def prepare_out_dir(out):
     """Create --out, or say why it cannot be."""
     if out.exists() and not out.is_dir():
@@ -195,11 +221,12 @@ def check_writable(path, flag):
 def write_records(records, json_path, csv_path, classes):
     """One record per face (a photo with no face: one record with box None) as JSON and/or CSV."""
     if json_path:
-        json_path.write_text(json.dumps(records, indent=1) + "\n")
+        with written_whole(json_path) as tmp:
+            tmp.write_text(json.dumps(records, indent=1) + "\n")
     if csv_path:
         extra = [k for k in ("frame", "time") if any(k in r for r in records)]
         cols = ["file", *extra, "x", "y", "w", "h", "emotion", "confidence", *classes]
-        with open(csv_path, "w", newline="") as f:
+        with written_whole(csv_path) as tmp, open(tmp, "w", newline="") as f:
             w = csv.writer(f)
             w.writerow(cols)
             for r in records:
@@ -214,7 +241,7 @@ def run_photos(rec, photos, out):
     """Annotate each photo into `out`; returns (records, number of unreadable photos)."""
     import cv2
 
-    records, failed, used = [], 0, set()
+    records, failed, used, done = [], 0, set(), 0
     for photo in photos:
         photo = Path(photo)
         try:
@@ -223,10 +250,16 @@ def run_photos(rec, photos, out):
             print(f"error: {photo} {e}; skipped", file=sys.stderr)
             failed += 1
             continue
-        faces = rec.faces_in(bgr)
         dest = output_path(out, photo, used)
-        if not cv2.imwrite(str(dest), annotate(bgr, faces)):
-            raise UserError(f"could not write {dest}: check --out and free disk space")
+        try:
+            faces = rec.faces_in(bgr)
+            with written_whole(dest) as tmp:
+                if not cv2.imwrite(str(tmp), annotate(bgr, faces)):
+                    raise UserError(f"could not write {dest}: check --out and free disk space")
+        except KeyboardInterrupt:
+            raise Interrupted(f"{done} of {len(photos)} photos were annotated into {out}, each file whole; "
+                              "--json and --csv were not written") from None
+        done += 1
         if not faces:
             print(f"{photo}: no face found")
             records.append({"file": str(photo), "box": None, "emotion": None, "confidence": None, "probabilities": None})
@@ -274,16 +307,21 @@ def run_video(rec, video, out):
         raise UserError(f"--video {video} cannot be opened as a video (is it MP4, AVI, MOV ...?)")
     w, h = int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT))
     dest = out / f"{video.stem}_emotions.mp4"
-    writer = cv2.VideoWriter(str(dest), cv2.VideoWriter_fourcc(*"mp4v"), cap.get(cv2.CAP_PROP_FPS) or 30.0, (w, h))
-    if not writer.isOpened():
-        raise UserError(f"cannot write video {dest}: check --out")
     try:
-        records, frames, seconds = run_stream(rec, cap, str(video), writer=writer.write)
+        with written_whole(dest) as tmp:  # an interrupted run leaves an earlier video whole
+            writer = cv2.VideoWriter(str(tmp), cv2.VideoWriter_fourcc(*"mp4v"), cap.get(cv2.CAP_PROP_FPS) or 30.0, (w, h))
+            if not writer.isOpened():
+                raise UserError(f"cannot write video {dest}: check --out")
+            try:
+                records, frames, seconds = run_stream(rec, cap, str(video), writer=writer.write)
+            finally:
+                writer.release()
+            if frames == 0:
+                raise UserError(f"--video {video} has no frames that can be decoded")
+    except KeyboardInterrupt:
+        raise Interrupted(f"{dest} and its frame table were left as they were") from None
     finally:
         cap.release()
-        writer.release()
-    if frames == 0:
-        raise UserError(f"--video {video} has no frames that can be decoded")
     write_records(records, None, out / f"{video.stem}_frames.csv", rec.classes)
     print(f"{video}: {frames} frames, {len(records)} faces, {frames / seconds:.1f} frames/s -> {dest}, "
           f"{out / (video.stem + '_frames.csv')}")
@@ -329,10 +367,11 @@ def load_eval_data(path, rec):
     path = Path(path)
     index = {c: i for i, c in enumerate(rec.classes)}
     if path.is_file():
-        from preparation import read_csv
-
-        faces, ids, _, _ = read_csv(path, progress=False)
-        names, note = [EMOTIONS[i] for i in ids], ""
+        faces, ids, usage, _ = read_csv(path, progress=False)
+        rows, note = held_out_rows(path, usage)  # a CSV with Usage: never the rows the model learned
+        if rows is not None:
+            faces, ids = faces[rows], ids[rows]
+        names = [EMOTIONS[i] for i in ids]
     elif path.is_dir():
         subdirs = sorted(d for d in path.iterdir() if d.is_dir() and not d.name.startswith("."))
         unknown = [d.name for d in subdirs if d.name not in index]
@@ -373,31 +412,29 @@ def load_eval_data(path, rec):
 
 def run_eval(rec, path, out, json_path):
     """Score the model on labelled data; print a report, save a confusion-matrix PNG, optionally JSON."""
-    from sklearn.metrics import classification_report, confusion_matrix, f1_score
-
-    from train import plot_confusion
-
     faces, labels, note = load_eval_data(path, rec)
     t0 = time.perf_counter()
     pred = rec.classify(faces).argmax(1)
     seconds = time.perf_counter() - t0
     k = len(rec.classes)
-    acc = float((pred == labels).mean())
-    macro = float(f1_score(labels, pred, labels=range(k), average="macro", zero_division=0))
-    kw = dict(labels=range(k), target_names=rec.classes, zero_division=0, digits=4)
-    report = classification_report(labels, pred, output_dict=True, **kw)
-    print(classification_report(labels, pred, **kw))
+    m = metrics_from_confusion(np.bincount(labels * k + pred, minlength=k * k).reshape(k, k))
+    acc, macro, pc = m["accuracy"], m["macro_f1"], m["per_class"]
+    print(f"{'':>10} {'precision':>9} {'recall':>9} {'f1':>9} {'support':>9}")
+    for i, c in enumerate(rec.classes):
+        print(f"{c:>10} {pc['precision'][i]:9.4f} {pc['recall'][i]:9.4f} {pc['f1'][i]:9.4f} {pc['support'][i]:9d}")
     print(f"{Path(path).name}: accuracy {acc:.4f}, macro-F1 {macro:.4f} on {len(labels)} faces "
           f"({len(labels) / seconds:.0f} faces/s){'; ' + note if note else ''}")
     cm_path = out / f"confusion_{Path(path).name.split('.')[0]}.png"
-    plot_confusion(confusion_matrix(labels, pred, labels=range(k)).tolist(), rec.classes, cm_path, True,
+    plot_confusion(m["confusion"], rec.classes, cm_path, True,
                    f"{rec.path.name} on {Path(path).name}: recall per class, accuracy {acc:.1%}")
     print(f"confusion matrix: {cm_path}")
     result = {"accuracy": acc, "macro_f1": macro, "n": int(len(labels)), "data": str(path), "model": str(rec.path),
-              "per_class": {c: {m: report[c][m] for m in ("precision", "recall", "f1-score", "support")}
-                            for c in rec.classes}}
+              "note": note, "confusion": m["confusion"],
+              "per_class": {c: {"precision": pc["precision"][i], "recall": pc["recall"][i], "f1-score": pc["f1"][i],
+                                "support": pc["support"][i]} for i, c in enumerate(rec.classes)}}
     if json_path:
-        json_path.write_text(json.dumps(result, indent=2) + "\n")
+        with written_whole(json_path) as tmp:
+            tmp.write_text(json.dumps(result, indent=2) + "\n")
     return result
 
 
