@@ -16,8 +16,8 @@ def test_benchmark_writes_its_figures(tmp_path):
     assert saved["photo_faces"] >= 1  # the sample photo has a face
 
 
-def test_readme_speed_table_is_the_saved_benchmark():
+def test_results_speed_table_is_the_saved_benchmark():
     bench = load_script("benchmark")
     table = bench.markdown_table(json.loads((ROOT / "models" / "benchmark.json").read_text()))
-    assert table in (ROOT / "README.md").read_text(), \
-        "README's speed table is not models/benchmark.json's: paste `python benchmark.py --markdown models/benchmark.json`"
+    assert table in (ROOT / "RESULTS.md").read_text(), \
+        "RESULTS.md's speed table is not models/benchmark.json's: paste `python benchmark.py --markdown models/benchmark.json`"
