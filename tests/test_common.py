@@ -117,8 +117,8 @@ def test_checkpoint_round_trip(tmp_path):
 def test_atomic_save_keeps_backup(tmp_path):
     path = tmp_path / "m.pt"
     common.atomic_save({"a": 1}, path)
-    common.atomic_save({"a": 2}, path, backup=True)
-    assert torch.load(path)["a"] == 2 and torch.load(path.with_suffix(".bak.pt"))["a"] == 1
+    common.atomic_save({"a": 2}, path, backup=tmp_path / "m.old.bak.pt")
+    assert torch.load(path)["a"] == 2 and torch.load(tmp_path / "m.old.bak.pt")["a"] == 1
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
 
 
