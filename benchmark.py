@@ -20,8 +20,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common import (REPO_ROOT, autocast_for, build_model, cpu_has_bf16, crop_face, detect_faces, load_checkpoint,
-                    load_face_detector, model_from_checkpoint, predict_proba, to_input)
+from common import REPO_ROOT, load_checkpoint
+from detection import crop_face, detect_faces, load_face_detector
+from network import autocast_for, build_model, cpu_has_bf16, model_from_checkpoint, predict_proba, to_input
 
 
 def median_time(fn, runs, warmup=2):
@@ -153,6 +154,7 @@ def main(args):
           f"detection {sd * 1e3:.1f} ms, classification {sc * 1e3:.1f} ms")
 
     import cv2
+
     from test import VIDEO_DETECT_SIZE, Recognizer, annotate
 
     rec = Recognizer(args.model, device, detect_size=VIDEO_DETECT_SIZE)  # as test.py --video and --camera

@@ -23,8 +23,18 @@ import matplotlib
 import numpy as np
 from tqdm import tqdm
 
-from common import (EMOTIONS, FINAL_TEST, TRAINING, VALIDATION, REPO_ROOT, Interrupted, UserError, describe_bad,
-                    read_csv, run_main)
+from common import (
+    EMOTIONS,
+    FINAL_TEST,
+    REPO_ROOT,
+    TRAINING,
+    VALIDATION,
+    Interrupted,
+    UserError,
+    describe_bad,
+    read_csv,
+    run_main,
+)
 
 matplotlib.use("Agg")  # before pyplot: plots are files, and a machine without a display must draw them too
 import matplotlib.pyplot as plt  # noqa: E402

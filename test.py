@@ -22,9 +22,23 @@ from pathlib import Path
 
 import numpy as np
 
-from common import (EMOTIONS, IMAGE_EXTENSIONS, IMAGE_SIZE, REPO_ROOT, Interrupted, UserError, choose_device, crop_face,
-                    detect_faces, held_out_rows, load_checkpoint, load_face_detector, metrics_from_confusion,
-                    model_from_checkpoint, plot_confusion, predict_proba, read_csv, run_main)
+from common import (
+    EMOTIONS,
+    IMAGE_EXTENSIONS,
+    IMAGE_SIZE,
+    REPO_ROOT,
+    Interrupted,
+    UserError,
+    choose_device,
+    held_out_rows,
+    load_checkpoint,
+    metrics_from_confusion,
+    plot_confusion,
+    read_csv,
+    run_main,
+)
+from detection import crop_face, detect_faces, load_face_detector
+from network import model_from_checkpoint, predict_proba
 
 DEFAULT_MODEL = REPO_ROOT / "models" / "Facial_Emotion_Recognizer.pt"
 SAMPLE_PHOTO = REPO_ROOT / "samples" / "grace_hopper.jpg"

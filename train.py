@@ -20,26 +20,75 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel
+from torch.utils.data import DistributedSampler
+from torchvision.datasets import ImageFolder
+from tqdm import tqdm
 
-from common import (EMOTIONS, IMAGE_SIZE, NORM_MEAN, NORM_STD, CHECKPOINT_FORMAT, REPO_ROOT, TEST_SHIFT, VALIDATION,
-                    Interrupted, UserError, atomic_save, autocast_for, build_model, choose_device, count_parameters,
-                    cpu_has_bf16, fuse_for_inference, held_out_rows, load_checkpoint, metrics_from_confusion,
-                    plot_confusion, predict_proba, project_relative, read_csv, run_main, set_seed, to_input)
+from common import (
+    CHECKPOINT_FORMAT,
+    EMOTIONS,
+    IMAGE_SIZE,
+    REPO_ROOT,
+    VALIDATION,
+    Interrupted,
+    UserError,
+    atomic_save,
+    choose_device,
+    held_out_rows,
+    load_checkpoint,
+    metrics_from_confusion,
+    plot_confusion,
+    project_relative,
+    read_csv,
+    run_main,
+    set_seed,
+)
+from network import (
+    NORM_MEAN,
+    NORM_STD,
+    TEST_SHIFT,
+    autocast_for,
+    build_model,
+    count_parameters,
+    cpu_has_bf16,
+    fuse_for_inference,
+    predict_proba,
+    to_input,
+)
 
-DEFAULT_ARCH = "EmotionNet"
 MODEL_NAME = "Facial_Emotion_Recognizer.pt"
 RUNS_DIR = REPO_ROOT / "runs"  # each run's own folder unless --out names a file: a trial run never replaces a model
-# The schedule a run is started with; --resume takes it from the checkpoint (a changed schedule cannot resume).
-SCHEDULE_DEFAULTS = {"epochs": 100, "batch_size": 128, "lr": 0.1, "mixup": 0.0, "seed": 0, "max_batches": 0}
 VAL_HELP = "pass a FER2013 CSV (.csv or .csv.gz) or a folder with one folder per emotion"
-# A 32-channel stem at 48x48, then one residual block at each of 24, 12, 6 and 3 pixels (48-384 channels):
-# 2.75M parameters for 0.46 GFLOP a training image. Against 64-512 channels (4.88M, 0.80 GFLOP) it trains
-# ~1.5x the images/s, so 100 epochs take the time 70 did: 69.74% vs 69.24% on val.csv.gz, and the
-# mirror-image average classifies 1,161 instead of 750 faces/s batched (README).
-DEFAULT_ARCH_ARGS = {"widths": [32, 48, 96, 192, 384], "blocks": [0, 1, 1, 1, 1], "dropout": 0.3}
 VAL_FRACTION = 0.1  # held out, stratified, when no validation set is given
-MIN_VAL_PER_CLASS = 1
+
+# ---------------------------------------------------------------------------------------------
+# The recipe. train.py's defaults reproduce the shipped model (tests compare them with its metrics JSON);
+# what each choice gave is in RESULTS.md. The checkpoint and the metrics JSON record all of it.
+DEFAULT_ARCH = "EmotionNet"
+# A 32-channel stem at 48x48, then one residual block at each of 24, 12, 6 and 3 pixels: narrow enough
+# that 100 epochs fit in two hours on two CPU cores, where more epochs paid more than more width.
+DEFAULT_ARCH_ARGS = {"widths": [32, 48, 96, 192, 384], "blocks": [0, 1, 1, 1, 1], "dropout": 0.3}
+EPOCHS = 100  # validation accuracy still creeps up at the end; the two-hour budget is what stops it
+BATCH_SIZE = 128
+PEAK_LR = 0.1  # the one-cycle schedule's peak, for SGD with Nesterov momentum
+MOMENTUM = 0.9
+WARMUP_SHARE = 0.15  # share of the steps in which the one-cycle rate rises to its peak
+WEIGHT_DECAY = 5e-4  # on conv and linear weights only: biases and BatchNorm are left free
+LABEL_SMOOTHING = 0.1  # FER2013's labels are noisy (people agree with them about 65% of the time)
+EMA_DECAY = 0.999  # validated and shipped: an exponential average of the weights (ema_with_warmup)
+CLASS_WEIGHT_POWER = 0.5  # loss weight (1 / class frequency) ** 0.5: lifts disgust without wrecking the rest
+MIXUP_ALPHA = 0.0  # mixup off: it did not help this net
+SEED = 0
+# The schedule a run is started with; --resume takes it from the checkpoint (a changed schedule cannot resume).
+SCHEDULE_DEFAULTS = {"epochs": EPOCHS, "batch_size": BATCH_SIZE, "lr": PEAK_LR, "mixup": MIXUP_ALPHA, "seed": SEED,
+                     "max_batches": 0}
+RECIPE = {"momentum": MOMENTUM, "warmup_share": WARMUP_SHARE, "weight_decay": WEIGHT_DECAY,
+          "label_smoothing": LABEL_SMOOTHING, "ema_decay": EMA_DECAY, "class_weight_power": CLASS_WEIGHT_POWER}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -51,9 +100,6 @@ def load_image_folder(root, progress=True):
 
     Returns (faces, labels, classes, skipped) where skipped lists (path, reason).
     """
-    from PIL import Image, UnidentifiedImageError
-    from torchvision.datasets import ImageFolder
-    from tqdm import tqdm
 
     root = Path(root)
     if not root.is_dir():
@@ -127,7 +173,7 @@ def load_val_source(path, classes, progress=True, log=print):
 
 def stratified_split(labels, fraction, seed):
     """Train and validation indices, stratified by class (scikit-learn)."""
-    from sklearn.model_selection import train_test_split
+    from sklearn.model_selection import train_test_split  # here: scikit-learn takes a second to import, for this alone
 
     counts = np.bincount(labels)
     n_val = int(round(fraction * len(labels)))
@@ -240,16 +286,12 @@ class Dist:
         """Element-wise sum of a list of numbers (or a NumPy array) over all processes."""
         if self.world == 1:
             return values
-        import torch.distributed as dist
-
         t = torch.tensor(np.asarray(values, dtype=np.float64), device=device)
         dist.all_reduce(t)
         return t.cpu().numpy()
 
     def barrier(self):
         if self.world > 1:
-            import torch.distributed as dist
-
             dist.barrier()
 
 
@@ -262,8 +304,6 @@ def setup_processes(device_name):
     device = choose_device(device_name)
     if world <= 1:
         return device, Dist()
-    import torch.distributed as dist
-
     if device.type == "cuda":
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         if local_rank >= torch.cuda.device_count():
@@ -283,7 +323,6 @@ def epoch_order(n, gen, epoch, args, procs):
     """This process's face indices for `epoch`: a seeded permutation, or its DistributedSampler share."""
     if procs.world == 1:
         return torch.randperm(n, generator=gen)
-    from torch.utils.data import DistributedSampler
 
     sampler = DistributedSampler(range(n), num_replicas=procs.world, rank=procs.rank, shuffle=True,
                                  seed=args.seed, drop_last=True)
@@ -314,14 +353,12 @@ def ema_with_warmup(decay):
     return update
 
 
-def train_one_epoch(model, ema, faces, labels, optimizer, scheduler, device, args, epoch, class_weights, progress=True,
-                    procs=Dist(), scaler=None):
+def train_one_epoch(run, faces, labels, *, epoch, progress=True):
     """One pass over the training faces in a seeded order; returns (mean loss, accuracy, images).
 
-    Under torchrun `model` is the DistributedDataParallel wrapper and the figures are summed over processes.
+    Under torchrun run.train_model is the DistributedDataParallel wrapper and the figures are summed over processes.
     """
-    from tqdm import tqdm
-
+    args, procs, device = run.args, run.procs, run.device
     seed = (args.seed * 1000 + epoch) * procs.world + procs.rank  # one process: seed * 1000 + epoch
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # dropout
@@ -329,8 +366,9 @@ def train_one_epoch(model, ema, faces, labels, optimizer, scheduler, device, arg
     n_batches = len(order) // args.batch_size or 1
     if args.max_batches:
         n_batches = min(n_batches, args.max_batches)
+    model = run.train_model
     model.train()
-    loss_args = {"weight": class_weights, "label_smoothing": args.label_smoothing}
+    loss_args = {"weight": run.class_weights, "label_smoothing": LABEL_SMOOTHING}
     total_loss, correct, seen = 0.0, 0, 0
     bar = tqdm(range(n_batches), desc=f"epoch {epoch + 1}/{args.epochs}", unit=" batch", disable=not progress,
                leave=False, mininterval=1.0)
@@ -346,21 +384,20 @@ def train_one_epoch(model, ema, faces, labels, optimizer, scheduler, device, arg
         with autocast_for(device, args.bf16):
             logits = model(x)
             loss = F.cross_entropy(logits.float(), y, **loss_args)
-            if partner is not None:  # each loss from its own float copy, as in the 60-epoch mixup run
+            if partner is not None:  # each loss from its own float copy of the logits
                 loss = lam * loss + (1.0 - lam) * F.cross_entropy(logits.float(), y[partner], **loss_args)
                 if lam < 0.5:  # training accuracy counts the face that dominates the blend
                     y = y[partner]
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is None:
+        run.optimizer.zero_grad(set_to_none=True)
+        if run.scaler is None:
             loss.backward()
-            optimizer.step()
+            run.optimizer.step()
         else:  # float16 on GPUs without bfloat16
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        scheduler.step()
-        if ema is not None:
-            ema.update_parameters(getattr(model, "module", model))
+            run.scaler.scale(loss).backward()
+            run.scaler.step(run.optimizer)
+            run.scaler.update()
+        run.scheduler.step()
+        run.ema.update_parameters(run.model)
         total_loss += loss.item() * len(idx)
         correct += (logits.argmax(1) == y).sum().item()
         seen += len(idx)
@@ -391,9 +428,10 @@ def evaluate(model, faces, labels, device, bf16, n_classes=None, procs=Dist()):
 
 def plot_curves(history, path):
     """Training loss and train/validation accuracy per epoch."""
+    # Imported here: matplotlib takes about a second to import, paid once, at the end of a run.
     import matplotlib
 
-    matplotlib.use("Agg")
+    matplotlib.use("Agg")  # files only: no display needed
     import matplotlib.pyplot as plt
 
     ep = [h["epoch"] for h in history]
@@ -432,14 +470,28 @@ def output_paths(out, plots_dir):
 
 
 @dataclass
+class Data:
+    """The faces a run trains and validates on (uint8, model-order labels)."""
+    faces: np.ndarray
+    labels: np.ndarray
+    classes: list
+    val_faces: np.ndarray
+    val_labels: np.ndarray
+    val_name: str
+    skipped: list
+
+
+@dataclass
 class Run:
-    """What one training run holds from start to end: what save_epoch() writes from."""
+    """What one training run holds from start to end: what train_one_epoch() steps and save_epoch() writes."""
     args: argparse.Namespace
     model: torch.nn.Module
+    train_model: torch.nn.Module  # the model itself, or its DistributedDataParallel wrapper under torchrun
     ema: torch.nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: object
     scaler: object
+    class_weights: torch.Tensor
     classes: list
     n_params: int
     started: float
@@ -459,7 +511,7 @@ def save_epoch(run, epoch, history, best, is_best, first_save):
     ckpt = {
         "format_version": CHECKPOINT_FORMAT, "arch": DEFAULT_ARCH, "arch_args": DEFAULT_ARCH_ARGS,
         "class_names": list(classes), "input_size": IMAGE_SIZE, "mean": NORM_MEAN, "std": NORM_STD,
-        "epoch": epoch + 1, "train_args": train_args,
+        "epoch": epoch + 1, "train_args": train_args, "recipe": RECIPE,
     }
     if is_best:
         # The first save of a run started with --replace keeps the model it replaces (run.backup).
@@ -477,6 +529,7 @@ def save_epoch(run, epoch, history, best, is_best, first_save):
         "validation": best["metrics"],
         "train_wall_seconds": wall,
         "epoch_seconds": [h["seconds"] for h in history], "history": history, "train_args": train_args,
+        "recipe": RECIPE,
         "device": str(run.device), "bf16": run.uses_bf16, "threads": torch.get_num_threads(),
         "processes": run.procs.world, "skipped_images": [project_relative(p) for p, _ in run.skipped],
     }, paths["metrics"])
@@ -554,9 +607,6 @@ def parse_args(argv=None):
         for k, v in SCHEDULE_DEFAULTS.items():
             if getattr(args, k) is None:
                 setattr(args, k, v)
-    args.weight_decay = 5e-4
-    args.label_smoothing = 0.1
-    args.ema_decay = 0.999
     return args
 
 
@@ -631,8 +681,6 @@ def main(args):
         return train(args, device, procs, resumed=resumed, backup=backup)
     finally:
         if procs.world > 1:
-            import torch.distributed as dist
-
             dist.destroy_process_group()
 
 
@@ -648,19 +696,56 @@ def interrupted_note(args, best, epochs_saved, backup):
 
 
 def train(args, device, procs, resumed=None, backup=None):
-    from torch.optim.swa_utils import AveragedModel
-
+    """Load the faces, build the model and its optimiser, train epoch by epoch saving each, then plot."""
     started = time.time()  # the wall time recorded counts data loading, validation and saving too
     torch.set_float32_matmul_precision("high")
     log = print if procs.main else (lambda *a, **k: None)  # under torchrun, rank 0 speaks for all
-    fp16 = device.type == "cuda" and args.bf16 and not torch.cuda.is_bf16_supported()
-    uses_bf16 = args.bf16 and not fp16 and (device.type == "cuda" or (device.type == "cpu" and cpu_has_bf16()))
-    precision = "bfloat16 autocast" if uses_bf16 else "float16 autocast" if fp16 else "float32"
-    workers = f", {procs.world} processes (torchrun)" if procs.world > 1 else ""
-    log(f"device: {device}, {precision}, {torch.get_num_threads()} threads{workers}")
     progress = not args.no_progress and procs.main
     set_seed(args.seed)
+    data = load_data(args, progress, log)
+    run = build_run(args, data, device, procs, started, backup, log)
+    start_epoch, history, best = restore(run, resumed, log) if resumed is not None else (0, [], None)
+    paths = output_paths(args.out, args.plots)
+    saved_model, epochs_saved = False, 0
+    # uint8 on the training device: tens of MB for FER2013, so a GPU augments and trains without a loader.
+    faces, labels = torch.from_numpy(data.faces).to(device), torch.from_numpy(data.labels).to(device)
+    try:
+        for epoch in range(start_epoch, args.epochs):
+            entry, metrics = run_epoch(run, data, faces, labels, epoch=epoch, progress=progress)
+            history.append(entry)
+            is_best = best is None or metrics["accuracy"] > best["accuracy"]
+            log(f"epoch {epoch + 1:3d}/{args.epochs}  loss {entry['train_loss']:.4f}  train acc {entry['train_acc']:.4f}"
+                f"  val acc {entry['val_acc']:.4f}  macro-F1 {entry['val_macro_f1']:.4f}  {entry['seconds']:.0f}s"
+                f" ({entry['images_per_s']:.0f} img/s){'  *best' if is_best else ''}", flush=True)
+            if is_best:
+                best = {"epoch": epoch + 1, "accuracy": metrics["accuracy"], "metrics": metrics}
+            if procs.main:
+                save_epoch(run, epoch, history, best, is_best, first_save=not saved_model)
+                saved_model, epochs_saved = saved_model or is_best, epochs_saved + 1
+            # Every process waits for rank 0's files, so a fault in any process leaves this epoch saved.
+            procs.barrier()
+    except BaseException as e:
+        # An interrupted or failed run still leaves its plots, but the first error is the one reported.
+        if procs.main and best is not None:
+            try:
+                write_plots(best, history, data.classes, paths)
+            except Exception as err:
+                print(f"warning: the plots were not drawn: {type(err).__name__}: {err}", file=sys.stderr)
+        if isinstance(e, KeyboardInterrupt) and not isinstance(e, Interrupted):
+            raise Interrupted(interrupted_note(args, best, epochs_saved, backup)) from None
+        raise
+    if procs.main and best is not None:  # plots once, at the end, not every epoch
+        write_plots(best, history, data.classes, paths)
+    procs.barrier()  # no process leaves before rank 0 has written the files
+    log(f"best validation accuracy {best['accuracy']:.4f} at epoch {best['epoch']}; model: {args.out}; "
+        f"plots: {paths['cm_counts'].parent}")
+    if procs.main and args.out.resolve() != (REPO_ROOT / "models" / MODEL_NAME).resolve():
+        log(f"use it: python test.py --model {display_path(args.out)} photo.jpg")
+    return {"model": args.out, "best": best, "history": history, "paths": paths}
 
+
+def load_data(args, progress, log):
+    """The training faces, and validation faces from --val, the Test data folder beside --data, or a hold-out."""
     faces, labels, classes, skipped = load_image_folder(args.data, progress)
     if skipped:
         log(f"skipped {len(skipped)} unreadable images in {args.data} (first: {skipped[0][0]}: {skipped[0][1]})")
@@ -676,99 +761,74 @@ def train(args, device, procs, resumed=None, backup=None):
         faces, labels = faces[tr], labels[tr]
         val_name = f"hold-out {VAL_FRACTION:.0%} of {args.data.name}"
     log(f"classes: {', '.join(classes)}; {len(faces)} training images, {len(val_faces)} validation ({val_name})")
+    return Data(faces, labels, list(classes), val_faces, val_labels, val_name, skipped)
 
-    # uint8 on the training device: 66 MB for FER2013, so a GPU augments and trains without a loader.
-    train_faces, train_labels = torch.from_numpy(faces).to(device), torch.from_numpy(labels).to(device)
-    model = build_model(DEFAULT_ARCH, DEFAULT_ARCH_ARGS, len(classes)).to(device).to(memory_format=torch.channels_last)
-    ema = AveragedModel(model, multi_avg_fn=ema_with_warmup(args.ema_decay), use_buffers=True)
+
+def build_run(args, data, device, procs, started, backup, log):
+    """The model, its weight average, optimiser, one-cycle schedule and class weights, as the recipe says."""
+    fp16 = device.type == "cuda" and args.bf16 and not torch.cuda.is_bf16_supported()
+    uses_bf16 = args.bf16 and not fp16 and (device.type == "cuda" or (device.type == "cpu" and cpu_has_bf16()))
+    precision = "bfloat16 autocast" if uses_bf16 else "float16 autocast" if fp16 else "float32"
+    workers = f", {procs.world} processes (torchrun)" if procs.world > 1 else ""
+    log(f"device: {device}, {precision}, {torch.get_num_threads()} threads{workers}")
+    model = build_model(DEFAULT_ARCH, DEFAULT_ARCH_ARGS, len(data.classes)).to(device)
+    model = model.to(memory_format=torch.channels_last)
+    ema = AveragedModel(model, multi_avg_fn=ema_with_warmup(EMA_DECAY), use_buffers=True)
     train_model = model
     if procs.world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
         train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    scaler = torch.amp.GradScaler("cuda") if fp16 else None
     decay, no_decay = [], []
-    for name, prm in model.named_parameters():
+    for prm in model.parameters():
         (no_decay if prm.ndim <= 1 else decay).append(prm)
-    optimizer = torch.optim.SGD([{"params": decay, "weight_decay": args.weight_decay},
-                                 {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, momentum=0.9, nesterov=True)
-    steps_per_epoch = len(faces) // procs.world // args.batch_size or 1  # --batch-size is per process
+    optimizer = torch.optim.SGD([{"params": decay, "weight_decay": WEIGHT_DECAY},
+                                 {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, momentum=MOMENTUM, nesterov=True)
+    steps_per_epoch = len(data.faces) // procs.world // args.batch_size or 1  # --batch-size is per process
     if args.max_batches:
         steps_per_epoch = min(steps_per_epoch, args.max_batches)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, epochs=args.epochs,
-                                                    steps_per_epoch=steps_per_epoch, pct_start=0.15)
-    # Inverse square-root class frequency: lifts disgust (1.5% of FER2013) without wrecking the rest.
-    freq = np.bincount(labels, minlength=len(classes)).astype(float)
-    class_weights = torch.tensor((freq.sum() / np.maximum(freq, 1) / len(classes)) ** 0.5, dtype=torch.float32)
-    class_weights = (class_weights / (class_weights * torch.tensor(freq / freq.sum(), dtype=torch.float32)).sum()).to(device)
-
-    paths = output_paths(args.out, args.plots)
-    start_epoch, history, best = 0, [], None
-    if resumed is not None:
-        ck = resumed
-        if ck["class_names"] != classes or ck["arch_args"] != DEFAULT_ARCH_ARGS:
-            raise UserError(f"--resume {args.resume} was trained on other classes or another architecture: start fresh")
-        model.load_state_dict(ck["state_dict"])
-        ema.load_state_dict(ck["ema"])
-        optimizer.load_state_dict(ck["optimizer"])
-        scheduler.load_state_dict(ck["scheduler"])
-        if scaler is not None and "scaler" in ck:
-            scaler.load_state_dict(ck["scaler"])
-        start_epoch, history, best = ck["epoch"], ck["history"], ck.get("best")
-        started -= ck.get("wall_seconds", sum(h["seconds"] for h in history))
-        log(f"resuming from {args.resume} after epoch {start_epoch}")
-
+                                                    steps_per_epoch=steps_per_epoch, pct_start=WARMUP_SHARE)
+    freq = np.bincount(data.labels, minlength=len(data.classes)).astype(float)
+    weights = torch.tensor((freq.sum() / np.maximum(freq, 1) / len(data.classes)) ** CLASS_WEIGHT_POWER,
+                           dtype=torch.float32)
+    weights = weights / (weights * torch.tensor(freq / freq.sum(), dtype=torch.float32)).sum()  # mean weight 1
     n_params = count_parameters(model)
     log(f"model: {DEFAULT_ARCH} {DEFAULT_ARCH_ARGS}, {n_params:,} parameters")
-    run = Run(args, model, ema, optimizer, scheduler, scaler, list(classes), n_params, started, device, uses_bf16, procs,
-              skipped, backup)
-    saved_model, epochs_saved = False, 0
-    try:
-        for epoch in range(start_epoch, args.epochs):
-            t0 = time.time()
-            loss, acc, seen = train_one_epoch(train_model, ema, train_faces, train_labels, optimizer, scheduler, device,
-                                              args, epoch, class_weights, progress, procs, scaler)
-            seconds = time.time() - t0
-            metrics, without_tta = evaluate(ema.module, val_faces, val_labels, device, args.bf16,
-                                            n_classes=len(classes), procs=procs)
-            history.append({"epoch": epoch + 1, "train_loss": loss, "train_acc": acc, "val_acc": metrics["accuracy"],
-                            "val_acc_no_tta": without_tta["accuracy"], "val_macro_f1": metrics["macro_f1"],
-                            "seconds": seconds, "images_per_s": seen / seconds})
-            is_best = best is None or metrics["accuracy"] > best["accuracy"]
-            log(f"epoch {epoch + 1:3d}/{args.epochs}  loss {loss:.4f}  train acc {acc:.4f}  val acc {metrics['accuracy']:.4f}"
-                f"  macro-F1 {metrics['macro_f1']:.4f}  {seconds:.0f}s ({seen / seconds:.0f} img/s){'  *best' if is_best else ''}",
-                flush=True)
-            if is_best:
-                best = {"epoch": epoch + 1, "accuracy": metrics["accuracy"], "metrics": {
-                    "validation_set": val_name, "n": int(len(val_labels)), "accuracy": metrics["accuracy"],
-                    "accuracy_no_tta": without_tta["accuracy"], "macro_f1": metrics["macro_f1"], "test_shift": TEST_SHIFT,
-                    "per_class": {c: {k: v[i] for k, v in metrics["per_class"].items()} for i, c in enumerate(classes)},
-                    "confusion": metrics["confusion"],
-                }}
-            if procs.main:
-                save_epoch(run, epoch, history, best, is_best, first_save=not saved_model)
-                saved_model, epochs_saved = saved_model or is_best, epochs_saved + 1
-            # Every process waits for rank 0's files, so a fault in any process leaves this epoch saved.
-            procs.barrier()
-    except BaseException as e:
-        # An interrupted or failed run still leaves its plots, but the first error is the one reported.
-        if procs.main and best is not None:
-            try:
-                write_plots(best, history, classes, paths)
-            except Exception as err:
-                print(f"warning: the plots were not drawn: {type(err).__name__}: {err}", file=sys.stderr)
-        if isinstance(e, KeyboardInterrupt) and not isinstance(e, Interrupted):
-            raise Interrupted(interrupted_note(args, best, epochs_saved, backup)) from None
-        raise
-    # Plots once, at the end: per epoch they cost ~3 s of the 2 hours.
-    if procs.main and best is not None:
-        write_plots(best, history, classes, paths)
-    procs.barrier()  # no process leaves before rank 0 has written the files
-    log(f"best validation accuracy {best['accuracy']:.4f} at epoch {best['epoch']}; model: {args.out}; "
-        f"plots: {paths['cm_counts'].parent}")
-    if procs.main and args.out.resolve() != (REPO_ROOT / "models" / MODEL_NAME).resolve():
-        log(f"use it: python test.py --model {display_path(args.out)} photo.jpg")
-    return {"model": args.out, "best": best, "history": history, "paths": paths}
+    return Run(args=args, model=model, train_model=train_model, ema=ema, optimizer=optimizer, scheduler=scheduler,
+               scaler=torch.amp.GradScaler("cuda") if fp16 else None, class_weights=weights.to(device),
+               classes=data.classes, n_params=n_params, started=started, device=device, uses_bf16=uses_bf16,
+               procs=procs, skipped=data.skipped, backup=backup)
+
+
+def restore(run, ck, log):
+    """Load a *.last.pt checkpoint into the run; returns (first epoch to train, history, best so far)."""
+    if ck["class_names"] != run.classes or ck["arch_args"] != DEFAULT_ARCH_ARGS:
+        raise UserError(f"--resume {run.args.resume} was trained on other classes or another architecture: start fresh")
+    run.model.load_state_dict(ck["state_dict"])
+    run.ema.load_state_dict(ck["ema"])
+    run.optimizer.load_state_dict(ck["optimizer"])
+    run.scheduler.load_state_dict(ck["scheduler"])
+    if run.scaler is not None and "scaler" in ck:
+        run.scaler.load_state_dict(ck["scaler"])
+    run.started -= ck.get("wall_seconds", sum(h["seconds"] for h in ck["history"]))
+    log(f"resuming from {run.args.resume} after epoch {ck['epoch']}")
+    return ck["epoch"], ck["history"], ck.get("best")
+
+
+def run_epoch(run, data, faces, labels, *, epoch, progress):
+    """Train one epoch and validate the weight average; returns (history entry, validation metrics)."""
+    t0 = time.time()
+    loss, acc, seen = train_one_epoch(run, faces, labels, epoch=epoch, progress=progress)
+    seconds = time.time() - t0
+    with_tta, without = evaluate(run.ema.module, data.val_faces, data.val_labels, run.device, run.args.bf16,
+                                 n_classes=len(data.classes), procs=run.procs)
+    entry = {"epoch": epoch + 1, "train_loss": loss, "train_acc": acc, "val_acc": with_tta["accuracy"],
+             "val_acc_no_tta": without["accuracy"], "val_macro_f1": with_tta["macro_f1"], "seconds": seconds,
+             "images_per_s": seen / seconds}
+    metrics = {"validation_set": data.val_name, "n": int(len(data.val_labels)), "accuracy": with_tta["accuracy"],
+               "accuracy_no_tta": without["accuracy"], "macro_f1": with_tta["macro_f1"], "test_shift": TEST_SHIFT,
+               "per_class": {c: {k: v[i] for k, v in with_tta["per_class"].items()} for i, c in enumerate(data.classes)},
+               "confusion": with_tta["confusion"]}
+    return entry, metrics
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ SHARED = ROOT.parent / "shared" / "data"
 sys.path.insert(0, str(ROOT))
 
 import common  # noqa: E402
+import network  # noqa: E402
 from common import EMOTIONS  # noqa: E402
 
 
@@ -73,7 +74,7 @@ def small_csv(tmp_path):
 def tiny_model(tmp_path_factory):
     """An untrained model file: enough to check the plumbing, not the accuracy."""
     torch.manual_seed(0)
-    model = common.build_model("EmotionNet", {"widths": [8, 8, 8, 8]}, 7)
+    model = network.build_model("EmotionNet", {"widths": [8, 8, 8, 8]}, 7)
     path = tmp_path_factory.mktemp("model") / "tiny.pt"
     common.atomic_save({"format_version": 1, "arch": "EmotionNet", "arch_args": {"widths": [8, 8, 8, 8]},
                         "class_names": sorted(EMOTIONS), "input_size": 48, "mean": 0.5, "std": 0.25,

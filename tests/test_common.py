@@ -4,6 +4,8 @@ import pytest
 import torch
 
 import common
+import detection
+import network
 from common import EMOTIONS, UserError
 
 
@@ -15,17 +17,17 @@ def test_emotion_ids_and_model_order():
 
 @pytest.mark.parametrize("n", [1, 5])
 def test_model_output_shape(n):
-    model = common.build_model("EmotionNet", {"widths": [8, 16, 16, 32], "blocks": [1, 1, 1, 1]}, 7)
+    model = network.build_model("EmotionNet", {"widths": [8, 16, 16, 32], "blocks": [1, 1, 1, 1]}, 7)
     assert model(torch.zeros(n, 1, 48, 48)).shape == (n, 7)
 
 
 def test_unknown_architecture():
     with pytest.raises(UserError, match="unknown architecture"):
-        common.build_model("Nope", {}, 7)
+        network.build_model("Nope", {}, 7)
 
 
 def test_to_input_normalises():
-    x = common.to_input(np.full((2, 48, 48), 255, dtype=np.uint8), mean=0.5, std=0.25)
+    x = network.to_input(np.full((2, 48, 48), 255, dtype=np.uint8), mean=0.5, std=0.25)
     assert x.shape == (2, 1, 48, 48) and torch.allclose(x, torch.full_like(x, 2.0))
 
 
@@ -38,26 +40,26 @@ def test_subpixel_shift_is_bilinear_resampling_at_that_offset(shift):
     theta = torch.tensor([[1.0, 0, 2 * shift / 48], [0, 1.0, 2 * shift / 48]]).expand(3, 2, 3)
     grid = F.affine_grid(theta, [3, 1, 48, 48], align_corners=False)
     expected = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
-    got = common.subpixel_shift(x, shift)
+    got = network.subpixel_shift(x, shift)
     assert got.shape == x.shape and torch.allclose(got, expected, atol=1e-4)  # grid_sample rounds its grid
     assert torch.allclose(got[0, 0, 10, 10], (1 - shift) ** 2 * x[0, 0, 10, 10] + shift * (1 - shift) * (
         x[0, 0, 10, 11] + x[0, 0, 11, 10]) + shift ** 2 * x[0, 0, 11, 11], atol=1e-5)
-    assert common.subpixel_shift(x, 0) is x
+    assert network.subpixel_shift(x, 0) is x
 
 
 def test_predict_proba_rows_sum_to_one():
-    model = common.build_model("EmotionNet", {"widths": [8, 8, 8, 8]}, 7)
-    p = common.predict_proba(model, np.zeros((3, 48, 48), np.uint8), torch.device("cpu"))
+    model = network.build_model("EmotionNet", {"widths": [8, 8, 8, 8]}, 7)
+    p = network.predict_proba(model, np.zeros((3, 48, 48), np.uint8), torch.device("cpu"))
     assert p.shape == (3, 7) and torch.allclose(p.sum(1), torch.ones(3), atol=1e-3)
 
 
 def test_predict_proba_both_is_plain_and_mirror_averaged():
     torch.manual_seed(0)
-    model = common.build_model("EmotionNet", {"widths": [8, 8, 8, 8]}, 7)
+    model = network.build_model("EmotionNet", {"widths": [8, 8, 8, 8]}, 7)
     faces = np.random.default_rng(1).integers(0, 256, (70, 48, 48), dtype=np.uint8)  # two batches of 64
-    plain, averaged = common.predict_proba(model, faces, torch.device("cpu"), bf16=False, both=True)
-    assert torch.allclose(plain, common.predict_proba(model, faces, torch.device("cpu"), bf16=False, tta=False))
-    assert torch.allclose(averaged, common.predict_proba(model, faces, torch.device("cpu"), bf16=False, tta=True))
+    plain, averaged = network.predict_proba(model, faces, torch.device("cpu"), bf16=False, both=True)
+    assert torch.allclose(plain, network.predict_proba(model, faces, torch.device("cpu"), bf16=False, tta=False))
+    assert torch.allclose(averaged, network.predict_proba(model, faces, torch.device("cpu"), bf16=False, tta=True))
     assert not torch.allclose(plain, averaged)  # the mirror image changes the answer of a random net
 
 
@@ -65,37 +67,37 @@ def test_predict_proba_both_is_plain_and_mirror_averaged():
 def test_predict_proba_averages_each_face_with_its_own_mirror_image(batch_size):
     """Faces and mirror images share forward calls; each face must still get its own mirror's answer."""
     torch.manual_seed(0)
-    model = common.build_model("EmotionNet", {"widths": [8, 8, 8, 8]}, 7).eval()
+    model = network.build_model("EmotionNet", {"widths": [8, 8, 8, 8]}, 7).eval()
     faces = np.random.default_rng(2).integers(0, 256, (11, 48, 48), dtype=np.uint8)
-    x = common.subpixel_shift(common.to_input(faces))  # the test-time resampling first, the mirror image of that
+    x = network.subpixel_shift(network.to_input(faces))  # the test-time resampling first, the mirror image of that
     with torch.no_grad():
         expected = (model(x).softmax(1) + model(torch.flip(x, dims=[3])).softmax(1)) / 2
-    got = common.predict_proba(model, faces, torch.device("cpu"), bf16=False, batch_size=batch_size)
+    got = network.predict_proba(model, faces, torch.device("cpu"), bf16=False, batch_size=batch_size)
     assert torch.allclose(got, expected, atol=1e-5)
 
 
 def test_fused_model_computes_the_same_function():
     torch.manual_seed(0)
-    model = common.build_model("EmotionNet", {"widths": [8, 16, 16, 32], "blocks": [1, 2, 1, 1]}, 7)
+    model = network.build_model("EmotionNet", {"widths": [8, 16, 16, 32], "blocks": [1, 2, 1, 1]}, 7)
     with torch.no_grad():
         for m in model.modules():  # BatchNorm statistics far from the identity, as after training
             if isinstance(m, torch.nn.BatchNorm2d):
                 m.running_mean.uniform_(-1, 1), m.running_var.uniform_(0.2, 3), m.weight.uniform_(0.5, 2)
                 m.bias.uniform_(-0.5, 0.5)
     model.eval()
-    fused = common.fuse_for_inference(model)
+    fused = network.fuse_for_inference(model)
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules())
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())  # the original is left as it was
     x = torch.randn(4, 1, 48, 48)
     with torch.no_grad():
         assert torch.allclose(model(x), fused(x), atol=1e-4)
     faces = np.random.default_rng(0).integers(0, 256, (5, 48, 48), dtype=np.uint8)
-    p = common.predict_proba(fused, faces, torch.device("cpu"), bf16=False)
-    assert torch.allclose(p, common.predict_proba(model, faces, torch.device("cpu"), bf16=False), atol=1e-4)
+    p = network.predict_proba(fused, faces, torch.device("cpu"), bf16=False)
+    assert torch.allclose(p, network.predict_proba(model, faces, torch.device("cpu"), bf16=False), atol=1e-4)
 
 
 def tiny_checkpoint(**extra):
-    model = common.build_model("EmotionNet", {"widths": [8, 8, 8, 8]}, 7)
+    model = network.build_model("EmotionNet", {"widths": [8, 8, 8, 8]}, 7)
     return model, {"format_version": common.CHECKPOINT_FORMAT, "arch": "EmotionNet", "arch_args": {"widths": [8, 8, 8, 8]},
                    "class_names": sorted(EMOTIONS), "input_size": 48, "mean": 0.5, "std": 0.25,
                    "state_dict": model.state_dict(), "epoch": 1, "metrics": {"accuracy": 0.5}, **extra}
@@ -107,7 +109,7 @@ def test_checkpoint_round_trip(tmp_path):
     common.atomic_save(ckpt, path)
     torch.load(path, weights_only=True)  # plain types only
     loaded = common.load_checkpoint(path)
-    again = common.model_from_checkpoint(loaded, torch.device("cpu"))
+    again = network.model_from_checkpoint(loaded, torch.device("cpu"))
     x = torch.randn(2, 1, 48, 48)
     model.eval()
     assert torch.allclose(model(x), again(x), atol=1e-5)
@@ -152,10 +154,10 @@ def test_bad_model_files(tmp_path, case, message):
     elif case == "arch":
         torch.save({**ckpt, "arch_args": {"widths": [16, 16, 16, 16]}}, path)
     with pytest.raises(UserError, match=message):
-        common.model_from_checkpoint(common.load_checkpoint(path), torch.device("cpu"), path)
+        network.model_from_checkpoint(common.load_checkpoint(path), torch.device("cpu"), path)
 
 
 def test_detect_faces_on_blank_and_tiny_images():
-    cascade = common.load_face_detector()
-    assert common.detect_faces(cascade, np.zeros((200, 300), np.uint8)) == []
-    assert common.detect_faces(cascade, np.zeros((1, 1), np.uint8)) == []
+    cascade = detection.load_face_detector()
+    assert detection.detect_faces(cascade, np.zeros((200, 300), np.uint8)) == []
+    assert detection.detect_faces(cascade, np.zeros((1, 1), np.uint8)) == []

@@ -7,9 +7,10 @@ import sys
 import numpy as np
 import pytest
 import torch
-
-from common import load_checkpoint, model_from_checkpoint, predict_proba
 from conftest import ROOT, synthetic_faces, write_csv
+
+from common import load_checkpoint
+from network import model_from_checkpoint, predict_proba
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="this PyTorch build has no torch.distributed")
 
@@ -89,7 +90,7 @@ from common import run_main
 
 real = train.train_one_epoch
 def once(*args, **kwargs):
-    if args[8] == 1:  # the second epoch: stop as Ctrl-C would, after epoch 1's checkpoint
+    if kwargs["epoch"] == 1:  # the second epoch: stop as Ctrl-C would, after epoch 1's checkpoint
         raise KeyboardInterrupt
     return real(*args, **kwargs)
 train.train_one_epoch = once

@@ -7,11 +7,11 @@ import sys
 import cv2
 import pytest
 import torch
+from conftest import ROOT, synthetic_faces, write_csv
+from test_testpy_inputs import SAMPLE, make_video
 
 import common
 from common import EMOTIONS, UserError
-from conftest import ROOT, synthetic_faces, write_csv
-from test_testpy_inputs import SAMPLE, make_video
 
 
 @pytest.mark.parametrize("script", ["preparation.py", "train.py", "test.py", "benchmark.py"])

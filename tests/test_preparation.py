@@ -10,12 +10,13 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from conftest import ROOT, synthetic_faces, write_csv
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 import common
 from common import EMOTIONS, UserError
-from conftest import ROOT, synthetic_faces, write_csv
 
 
 def test_parse_pixels_round_trip(preparation):

@@ -9,11 +9,8 @@ import re
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import cv2
-import numpy as np
-
 from conftest import ROOT, synthetic_faces, write_csv
 from test_testpy_inputs import SAMPLE, make_video
 

@@ -5,10 +5,10 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT, run_cli, synthetic_faces, write_csv
 from PIL import Image
 
 from common import EMOTIONS
-from conftest import run_cli, ROOT, synthetic_faces, write_csv
 
 SAMPLE = ROOT / "samples" / "grace_hopper.jpg"
 

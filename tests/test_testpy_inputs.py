@@ -6,10 +6,10 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT, SHARED, run_cli
 
-import common
+import detection
 from common import EMOTIONS
-from conftest import run_cli, ROOT, SHARED
 
 SAMPLE = ROOT / "samples" / "grace_hopper.jpg"
 FACES_DEV = SHARED / "faces_dev"
@@ -125,11 +125,11 @@ def detection_scores(testpy, **detector_args):
     boxes = {}
     for r in csv.DictReader(open(FACES_DEV / "boxes.csv")):
         boxes.setdefault(r["image"], []).append([int(r[k]) for k in ("left", "top", "width", "height")])
-    cascade = common.load_face_detector()
+    cascade = detection.load_face_detector()
     found = false = 0
     for name, truth in boxes.items():
         matched = set()
-        for d in common.detect_faces(cascade, testpy.to_gray(testpy.read_image(FACES_DEV / name)), **detector_args):
+        for d in detection.detect_faces(cascade, testpy.to_gray(testpy.read_image(FACES_DEV / name)), **detector_args):
             j = max(range(len(truth)), key=lambda k: iou(d, truth[k]))
             if iou(d, truth[j]) >= 0.3 and j not in matched:
                 matched.add(j)
