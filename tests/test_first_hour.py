@@ -1,5 +1,6 @@
 """What a new user meets first: --help of every script, OpenCV without Haar files, a Kaggle CSV scored
 honestly, and Ctrl-C that leaves earlier outputs whole."""
+
 import json
 import subprocess
 import sys
@@ -35,13 +36,16 @@ def test_eval_of_a_kaggle_csv_scores_only_rows_not_marked_training(testpy, tiny_
 
 
 def test_opencv_without_haar_files(testpy, tiny_model, tmp_path, monkeypatch):
-    """OpenCV 5 (on some GPU machines) has no CascadeClassifier: --eval of a CSV needs none, photos get one line."""
+    """OpenCV 5 (on some GPU machines) has no CascadeClassifier: --eval of a CSV and the default detector need
+    none; --detector haar gets one line."""
     monkeypatch.delattr(cv2, "CascadeClassifier")
     faces, labels = synthetic_faces(14)
-    rec = testpy.Recognizer(tiny_model, torch.device("cpu"))
-    assert testpy.run_eval(rec, write_csv(tmp_path / "v.csv", faces, labels), tmp_path, None)["n"] == 14
+    haar = testpy.Recognizer(tiny_model, torch.device("cpu"), detector="haar")
+    assert testpy.run_eval(haar, write_csv(tmp_path / "v.csv", faces, labels), tmp_path, None)["n"] == 14
     with pytest.raises(UserError, match=r"has no Haar cascades .*pip install 'opencv-python<5'"):
-        testpy.run_photos(rec, [SAMPLE], tmp_path)
+        testpy.run_photos(haar, [SAMPLE], tmp_path)
+    records, failed = testpy.run_photos(testpy.Recognizer(tiny_model, torch.device("cpu")), [SAMPLE], tmp_path)
+    assert not failed and records[0]["box"] is not None
 
 
 def interrupt_on(rec, call):
@@ -52,6 +56,7 @@ def interrupt_on(rec, call):
         if len(seen) == call:
             raise KeyboardInterrupt
         return real(bgr)
+
     rec.faces_in = faces_in
 
 
@@ -64,7 +69,10 @@ def test_interrupted_video_leaves_the_earlier_one_whole(testpy, tiny_model, tmp_
     interrupt_on(rec, 5)
     with pytest.raises(SystemExit) as e:
         common.run_main(lambda a: testpy.run_video(rec, video, out), None)
-    assert e.value.code == 130 and "clip_emotions.mp4 and its frame table were left as they were" in capsys.readouterr().err
+    assert (
+        e.value.code == 130
+        and "clip_emotions.mp4 and its frame table were left as they were" in capsys.readouterr().err
+    )
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no partial file either
 
 

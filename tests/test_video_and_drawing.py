@@ -1,0 +1,96 @@
+"""test.py's video loop (faces followed and their answers smoothed) and its drawing (readable, never covering)."""
+
+import csv
+import importlib.util
+
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT, SHARED, run_cli
+from test_testpy_inputs import make_video
+
+from common import EMOTIONS
+
+STILL = SHARED / "faces_dev" / "2008_002079.jpg"  # six small faces whose answers are close calls
+
+
+def face(box, probs):
+    p = dict(zip(EMOTIONS, probs))
+    k = max(p, key=p.get)
+    return {"box": list(box), "emotion": k, "confidence": p[k], "probabilities": p}
+
+
+def test_tracker_keeps_ids_and_averages_answers(testpy):
+    tracker = testpy.FaceTracker(list(EMOTIONS), window=3, margin=0.0)
+    happy, sad = [0, 0, 0, 0.9, 0.1, 0, 0], [0, 0, 0, 0.2, 0.8, 0, 0]
+    first = tracker.update([face((10, 10, 50, 50), happy), face((200, 10, 50, 50), happy)])
+    assert [f["id"] for f in first] == [1, 2]
+    # Next frame: both moved a little, listed the other way round, and a third face appeared.
+    second = tracker.update(
+        [face((203, 12, 50, 50), sad), face((12, 11, 50, 50), happy), face((400, 300, 40, 40), sad)]
+    )
+    assert [f["id"] for f in second] == [2, 1, 3]
+    assert second[0]["raw_emotion"] == "sad" and second[0]["emotion"] == "happy"  # (0.9 + 0.2) / 2 > (0.1 + 0.8) / 2
+    assert second[0]["probabilities"]["happy"] == pytest.approx(0.55)
+    third = tracker.update([face((203, 12, 50, 50), sad)])
+    assert third[0]["id"] == 2 and third[0]["emotion"] == "sad"  # (0.9 + 0.2 + 0.2) / 3 < (0.1 + 0.8 + 0.8) / 3
+
+
+def test_a_near_tie_keeps_the_label(testpy):
+    tracker = testpy.FaceTracker(list(EMOTIONS), window=1, margin=0.05)
+    tracker.update([face((10, 10, 50, 50), [0, 0, 0, 0.50, 0.48, 0, 0])])
+    held = tracker.update([face((10, 10, 50, 50), [0, 0, 0, 0.48, 0.50, 0, 0])])
+    assert held[0]["emotion"] == "happy" and held[0]["raw_emotion"] == "sad"
+    switched = tracker.update([face((10, 10, 50, 50), [0, 0, 0, 0.30, 0.68, 0, 0])])
+    assert switched[0]["emotion"] == "sad"
+
+
+def test_video_table_has_face_ids_raw_and_smoothed_answers(tiny_model, tmp_path):
+    video = make_video(tmp_path / "clip.mp4")
+    r = run_cli("--video", video, "--model", tiny_model, "--out", tmp_path / "out", "--csv", tmp_path / "f.csv")
+    assert r.returncode == 0, r.stderr
+    rows = list(csv.DictReader(open(tmp_path / "f.csv")))
+    assert rows and {"frame", "id", "emotion", "raw_emotion", "raw_confidence"} <= set(rows[0])
+    assert {row["id"] for row in rows} == {"1"}  # one face, followed through every frame
+
+
+@pytest.mark.skipif(
+    not STILL.exists(), reason="../shared/data/faces_dev is absent (present in CI, not on a user's machine)"
+)
+def test_a_still_face_keeps_its_label():
+    """At most one label change per 100 face-frames with smoothing, on a clip where frame-by-frame answers flicker."""
+    spec = importlib.util.spec_from_file_location("still_faces", ROOT / "tools" / "still_faces.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    rec = tool.testpy.Recognizer(
+        ROOT / "models" / "Facial_Emotion_Recognizer.pt", torch.device("cpu"), detect_size=tool.testpy.VIDEO_DETECT_SIZE
+    )
+    out = tool.measure(rec, STILL)
+    raw, smoothed = out[1], out[tool.testpy.SMOOTH_FRAMES]
+    assert raw[2] == smoothed[2] == 6, "six faces, each followed under one id"
+    assert raw[0] / raw[1] > 0.05, raw  # the clip is a hard one: raw answers flicker
+    assert smoothed[0] / smoothed[1] <= 0.01, smoothed
+
+
+def rect_overlap(a, b):
+    return max(0, min(a[2], b[2]) - max(a[0], b[0])) * max(0, min(a[3], b[3]) - max(a[1], b[1]))
+
+
+def test_labels_cover_no_other_face_nor_each_other(testpy):
+    # A row of touching faces and one under them: the hard case for labels above and below boxes.
+    boxes = [(100 + 60 * i, 100, 55, 55) for i in range(5)] + [(160, 160, 55, 55)]
+    faces = [face(b, [0, 0, 0, 0.9, 0.1, 0, 0]) for b in boxes]
+    layout = testpy.label_layout(faces, (400, 600, 3))
+    rects = [lab["rect"] for lab in layout]
+    for i, r in enumerate(rects):
+        assert all(rect_overlap(r, (x, y, x + w, y + h)) == 0 for j, (x, y, w, h) in enumerate(boxes) if j != i)
+        assert all(rect_overlap(r, s) == 0 for s in rects[i + 1 :])
+        assert 0 <= r[0] < r[2] <= 600 and 0 <= r[1] < r[3] <= 400
+
+
+def test_text_and_lines_grow_with_the_image(testpy):
+    small = testpy.label_layout([face((10, 10, 40, 40), [1, 0, 0, 0, 0, 0, 0])], (300, 400, 3))[0]
+    large = testpy.label_layout([face((10, 10, 40, 40), [1, 0, 0, 0, 0, 0, 0])], (3000, 4000, 3))[0]
+    assert large["scale"] >= 4000 / 1600 - 1e-9 > small["scale"]  # a small face's label stays legible on a big photo
+    img = testpy.annotate(np.full((300, 400, 3), 255, np.uint8), [face((100, 100, 80, 80), [0] * 6 + [1])])
+    assert (img[100, 120] == 0).all() or (img[99, 120] == 0).all()  # neutral's light box has a dark outline
