@@ -3,6 +3,7 @@ face detection, device choice, seeding and checkpoint save/load.
 
 Nothing here runs on import; every function takes what it needs as arguments.
 """
+
 import contextlib
 import csv
 import gzip
@@ -165,8 +166,11 @@ def _is_number(text):
 
 def _archive_member(path, names):
     """The CSV to read inside archive `path` (FER2013's name first, else the only CSV), or a UserError."""
-    csvs = [n for n in names if n.lower().endswith((".csv", ".csv.gz")) and "__MACOSX" not in n
-            and not Path(n).name.startswith(".")]
+    csvs = [
+        n
+        for n in names
+        if n.lower().endswith((".csv", ".csv.gz")) and "__MACOSX" not in n and not Path(n).name.startswith(".")
+    ]
     for want in ARCHIVE_CSV_NAMES:
         found = [n for n in csvs if Path(n).name.lower() in (want, want + ".gz")]
         if found:
@@ -174,8 +178,10 @@ def _archive_member(path, names):
     if len(csvs) == 1:
         return csvs[0]
     inside = ", ".join(Path(n).name for n in (csvs or names)[:5]) or "nothing"
-    raise UserError(f"{path} is an archive holding {'several CSVs' if csvs else 'no CSV'} ({inside}): extract "
-                    f"FER2013's CSV (e.g. unzip {path.name} or tar -xzf {path.name}) and pass it with --csv")
+    raise UserError(
+        f"{path} is an archive holding {'several CSVs' if csvs else 'no CSV'} ({inside}): extract "
+        f"FER2013's CSV (e.g. unzip {path.name} or tar -xzf {path.name}) and pass it with --csv"
+    )
 
 
 def _is_tar(path):
@@ -227,8 +233,10 @@ def read_csv(path, skip_bad=False, progress=True):
             cols = [c.strip().lower() for c in header]
             layout = next((lay for lay in LAYOUTS if lay <= set(cols)), None)
             if layout is None:
-                raise UserError(f"{path} line 1: header {','.join(header)[:60]!r} is not FER2013's: "
-                                "expected columns 'input,target' or 'emotion,pixels[,Usage]'")
+                raise UserError(
+                    f"{path} line 1: header {','.join(header)[:60]!r} is not FER2013's: "
+                    "expected columns 'input,target' or 'emotion,pixels[,Usage]'"
+                )
             pix_col = cols.index("input" if "input" in layout else "pixels")
             lab_col = cols.index("target" if "target" in layout else "emotion")
             use_col = cols.index("usage") if "usage" in cols else None
@@ -248,12 +256,17 @@ def read_csv(path, skip_bad=False, progress=True):
                 if use_col is not None:
                     usage.append(row[use_col].strip())
     except (OSError, EOFError, zlib.error, UnicodeDecodeError, csv.Error, zipfile.BadZipFile, tarfile.TarError) as e:
-        what = "truncated or damaged" if isinstance(e, (EOFError, zlib.error, gzip.BadGzipFile, zipfile.BadZipFile,
-                                                        tarfile.TarError)) else "unreadable"
+        what = (
+            "truncated or damaged"
+            if isinstance(e, (EOFError, zlib.error, gzip.BadGzipFile, zipfile.BadZipFile, tarfile.TarError))
+            else "unreadable"
+        )
         raise UserError(f"{path} is {what} ({type(e).__name__}: {str(e)[:80]}): download it again") from None
     if bad and not skip_bad:
-        raise UserError(f"{path} line {bad[0][0]}: row {bad[0][1]} ({describe_bad(bad)}); fix or remove "
-                        f"{'it' if len(bad) == 1 else 'them'}, or pass --skip-bad to leave bad rows out")
+        raise UserError(
+            f"{path} line {bad[0][0]}: row {bad[0][1]} ({describe_bad(bad)}); fix or remove "
+            f"{'it' if len(bad) == 1 else 'them'}, or pass --skip-bad to leave bad rows out"
+        )
     if not faces:
         extra = f" ({describe_bad(bad)})" if bad else ""
         raise UserError(f"{path} has no usable data rows{extra}: check that it is FER2013's CSV")
@@ -280,8 +293,10 @@ def held_out_rows(path, usage, only=None):
     if only is not None and (names == only).any():
         keep = names == only
     if not keep.any():
-        raise UserError(f"{path}: every row is marked {TRAINING} in its Usage column, so the model may have "
-                        f"learned them: pass a CSV with {VALIDATION} or {FINAL_TEST} rows")
+        raise UserError(
+            f"{path}: every row is marked {TRAINING} in its Usage column, so the model may have "
+            f"learned them: pass a CSV with {VALIDATION} or {FINAL_TEST} rows"
+        )
     kinds = sorted(set(names[keep]))
     counts = ", ".join(f"{k} {int((names == k).sum()):,}" for k in kinds)
     left = int((~keep).sum())
@@ -293,7 +308,7 @@ def held_out_rows(path, usage, only=None):
 
 
 def metrics_from_confusion(cm):
-    """Accuracy, macro-F1 and per-class precision/recall/F1 (0 where undefined, as scikit-learn) of a confusion matrix."""
+    """Accuracy, macro-F1 and per-class precision/recall/F1 of a confusion matrix; 0 where undefined."""
     cm = np.asarray(cm, dtype=np.int64)
     tp, predicted, support = np.diag(cm), cm.sum(0), cm.sum(1)
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -321,8 +336,16 @@ def plot_confusion(confusion, classes, path, normalize, title):
     if normalize:
         cm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
     fig, ax = plt.subplots(figsize=(7, 6))
-    sns.heatmap(cm, annot=True, fmt=".2f" if normalize else ".0f", cmap="Blues", xticklabels=classes,
-                yticklabels=classes, ax=ax, cbar=True)
+    sns.heatmap(
+        cm,
+        annot=True,
+        fmt=".2f" if normalize else ".0f",
+        cmap="Blues",
+        xticklabels=classes,
+        yticklabels=classes,
+        ax=ax,
+        cbar=True,
+    )
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(title)
@@ -362,11 +385,17 @@ def load_checkpoint(path):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for a damaged file
-        raise UserError(f"model file {path} is damaged or not a PyTorch checkpoint ({type(e).__name__}): "
-                        "restore it from git or retrain with train.py") from None
+        raise UserError(
+            f"model file {path} is damaged or not a PyTorch checkpoint ({type(e).__name__}): "
+            "restore it from git or retrain with train.py"
+        ) from None
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "arch" not in ckpt:
-        raise UserError(f"model file {path} is not a checkpoint of this project (no state_dict/arch): retrain with train.py")
+        raise UserError(
+            f"model file {path} is not a checkpoint of this project (no state_dict/arch): retrain with train.py"
+        )
     version = ckpt.get("format_version", 0)
     if version > CHECKPOINT_FORMAT:
-        raise UserError(f"model file {path} has format {version}, newer than this code reads ({CHECKPOINT_FORMAT}): update the code")
+        raise UserError(
+            f"model file {path} has format {version}, newer than this code reads ({CHECKPOINT_FORMAT}): update the code"
+        )
     return ckpt

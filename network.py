@@ -3,6 +3,7 @@
 Shared by train.py (training and validation), test.py (classification) and benchmark.py; split from
 common.py so that each of the two reads in one sitting.
 """
+
 from contextlib import nullcontext
 
 import numpy as np
@@ -21,9 +22,7 @@ NORM_STD = 0.255
 # blurs it a little (a kernel (1-a, a) on each axis, a anywhere in [0, 1)); a face fed as is is
 # sharper than nearly all the net was trained on. predict_proba() therefore resamples each face at
 # this fixed offset (pixels, right and down): a kernel (0.75, 0.25) on each axis, whose spread
-# (a(1-a) = 3/16) is near a random warp's average (1/6). On val.csv.gz, with the mirror image, the
-# 60-epoch model went from 67.76% to 68.82%, two other 60-epoch runs gained 0.5 points each (README,
-# "Results").
+# (a(1-a) = 3/16) is near a random warp's average (1/6). What it gained: RESULTS.md.
 TEST_SHIFT = 0.25
 
 
@@ -59,7 +58,9 @@ class EmotionNet(nn.Module):
 
     def __init__(self, num_classes=7, widths=(32, 64, 128, 256), blocks=(1, 1, 1, 1), dropout=0.3):
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(1, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU(inplace=True))
+        self.stem = nn.Sequential(
+            nn.Conv2d(1, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU(inplace=True)
+        )
         layers, cin = [], widths[0]
         for i, (w, n) in enumerate(zip(widths, blocks)):
             for j in range(n):
@@ -144,41 +145,56 @@ def subpixel_shift(x, shift=TEST_SHIFT):
     return (rows[..., :-1] * (1 - a) + rows[..., 1:] * a).contiguous(memory_format=torch.channels_last)
 
 
+# Images a forward call: a face and its mirror image go through in the same call, and calls this small keep
+# the activations in a CPU's cache (RESULTS.md, "Speed").
+PREDICT_BATCH = 64
+
+
 @torch.no_grad()
-def predict_proba(model, faces, device, mean=NORM_MEAN, std=NORM_STD, tta=True, batch_size=64, bf16=True, both=False,
-                  shift=TEST_SHIFT):
-    """Class probabilities (N, C) for uint8 faces (N, 48, 48); with `tta`, averaged with the mirror image.
+def predict_both(
+    model,
+    faces,
+    device,
+    mean=NORM_MEAN,
+    std=NORM_STD,
+    batch_size=PREDICT_BATCH,
+    bf16=True,
+    shift=TEST_SHIFT,
+    mirror=True,
+):
+    """Class probabilities (plain, mirror-averaged) for uint8 faces (N, 48, 48), from the same forward passes.
 
-    Each face is first resampled `shift` pixels off (see TEST_SHIFT), the mirror image after that.
-
-    With `both`, returns (plain, averaged) from the same passes: what train.py records without and
-    with test-time augmentation, for the cost of the averaged ones alone.
-    `batch_size` counts the images of one forward call, mirror images included: calls of 64 ran 25%
-    faster than 256 on a 2-core EPYC (the activations stay in cache). A face and its mirror image
-    go through in the same call: one face took 4.7 instead of 6.2 ms (median of 3 x 40 calls), with
-    the same answers to the bit on val.csv.gz.
+    Each face is first resampled `shift` pixels off (see TEST_SHIFT), the mirror image after that. Without
+    `mirror` only the plain pass runs and both answers are the plain one. `batch_size` counts the images of
+    one forward call, mirror images included.
     """
     model.eval()
     plain, averaged = [], []
-    step = max(1, batch_size // 2) if (tta or both) else batch_size  # batch_size images a call, mirrors included
+    step = max(1, batch_size // 2) if mirror else batch_size
     for i in range(0, len(faces), step):
-        x = subpixel_shift(to_input(faces[i:i + step], mean, std).to(device), shift)
+        x = subpixel_shift(to_input(faces[i : i + step], mean, std).to(device), shift)
         n = len(x)
         with autocast_for(device, bf16):
-            if tta or both:
+            if mirror:
                 pair = model(torch.cat([x, torch.flip(x, dims=[3])])).float().softmax(1)
                 p = pair[:n]
                 averaged.append(((p + pair[n:]) / 2).cpu())
             else:
                 p = model(x).float().softmax(1)
-        if both or not tta:  # test.py's path wants only the averaged answers: no copy of the plain ones
-            plain.append(p.cpu())
+                averaged.append(p.cpu())
+        plain.append(p.cpu())
     if not len(faces):
         empty = torch.zeros(0, model.head.out_features)
-        return (empty, empty.clone()) if both else empty
-    if both:
-        return torch.cat(plain), torch.cat(averaged)
-    return torch.cat(averaged) if tta else torch.cat(plain)
+        return empty, empty.clone()
+    return torch.cat(plain), torch.cat(averaged)
+
+
+def predict_proba(
+    model, faces, device, mean=NORM_MEAN, std=NORM_STD, tta=True, batch_size=PREDICT_BATCH, bf16=True, shift=TEST_SHIFT
+):
+    """Class probabilities (N, C) for uint8 faces (N, 48, 48); with `tta`, averaged with the mirror image."""
+    plain, averaged = predict_both(model, faces, device, mean, std, batch_size, bf16, shift, mirror=tta)
+    return averaged if tta else plain
 
 
 # ---------------------------------------------------------------------------------------------
@@ -191,12 +207,13 @@ def model_from_checkpoint(ckpt, device, path="model"):
         model = build_model(ckpt["arch"], ckpt.get("arch_args", {}), len(ckpt["class_names"]))
         model.load_state_dict(ckpt["state_dict"])
     except (RuntimeError, TypeError, KeyError) as e:
-        raise UserError(f"model file {path} does not match architecture {ckpt.get('arch')!r} of this code "
-                        f"({str(e).splitlines()[0][:120]}): retrain with train.py") from None
+        raise UserError(
+            f"model file {path} does not match architecture {ckpt.get('arch')!r} of this code "
+            f"({str(e).splitlines()[0][:120]}): retrain with train.py"
+        ) from None
     return fuse_for_inference(model.to(device))
 
 
 def count_parameters(model):
     """Number of trainable parameters."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
-

@@ -10,6 +10,7 @@ Writes `<out>/Train data/<emotion>/<row>.jpg`; with a Usage column, PublicTest r
 train.py never reads. The folder is built beside the old one and swapped in at the end, so a
 failed or interrupted run leaves the old one as it was.
 """
+
 import argparse
 import csv
 import os
@@ -140,17 +141,30 @@ def swap_in(new, out, progress=True):
             remove_tree(old, progress, f"removing the previous {out.name}")
         except KeyboardInterrupt:
             shutil.rmtree(old, ignore_errors=True)
-            raise Interrupted(f"{out} was already complete with the new images; the previous copy was removed") from None
+            raise Interrupted(
+                f"{out} was already complete with the new images; the previous copy was removed"
+            ) from None
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Turn FER2013's CSV into JPG images, one folder per emotion.")
-    p.add_argument("--csv", type=Path, default=DEFAULT_CSV,
-                   help="FER2013 CSV: .csv, .csv.gz, or Kaggle's .zip/.tar.gz as downloaded (default: data/train.csv)")
-    p.add_argument("--out", type=Path, default=REPO_ROOT / "face_datasets",
-                   help="output folder, replaced as a whole at the end (default: face_datasets/)")
-    p.add_argument("--skip-bad", action="store_true",
-                   help="leave bad rows out and list them in <out>/rejects.csv (default: stop at the first)")
+    p.add_argument(
+        "--csv",
+        type=Path,
+        default=DEFAULT_CSV,
+        help="FER2013 CSV: .csv, .csv.gz, or Kaggle's .zip/.tar.gz as downloaded (default: data/train.csv)",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=REPO_ROOT / "face_datasets",
+        help="output folder, replaced as a whole at the end (default: face_datasets/)",
+    )
+    p.add_argument(
+        "--skip-bad",
+        action="store_true",
+        help="leave bad rows out and list them in <out>/rejects.csv (default: stop at the first)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars (default: shown)")
     p.add_argument("--debug", action="store_true", help="show tracebacks (default: one-line errors)")
     return p.parse_args(argv)
@@ -165,8 +179,10 @@ def main(args):
     if not args.csv.exists() and args.csv == DEFAULT_CSV:
         found = sorted(p.name for p in DEFAULT_CSV.parent.glob("*") if p.name.endswith(DATA_SUFFIXES))
         if found:
-            raise UserError(f"{DEFAULT_CSV} not found, but data/ holds {', '.join(found)}: "
-                            f"python preparation.py --csv data/{found[0]}")
+            raise UserError(
+                f"{DEFAULT_CSV} not found, but data/ holds {', '.join(found)}: "
+                f"python preparation.py --csv data/{found[0]}"
+            )
     faces, labels, usage, bad = read_csv(args.csv, skip_bad=args.skip_bad, progress=progress)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -197,12 +213,16 @@ def main(args):
     print(format_table(counts))
     if bad:
         print(f"skipped {describe_bad(bad)}; see {out / 'rejects.csv'}")
-    print(f"wrote {len(faces)} images to {out} in {time.perf_counter() - start:.1f}s; "
-          f"class chart: {out / 'class_distribution.png'}")
+    print(
+        f"wrote {len(faces)} images to {out} in {time.perf_counter() - start:.1f}s; "
+        f"class chart: {out / 'class_distribution.png'}"
+    )
     if FINAL_TEST in set(usage or ()):
-        print(f"train.py validates on '{SPLIT_FOLDERS[VALIDATION]}' ({VALIDATION}) and never reads "
-              f"'{SPLIT_FOLDERS[FINAL_TEST]}' ({FINAL_TEST}): score it once at the end with "
-              f"python test.py --eval \"{out / SPLIT_FOLDERS[FINAL_TEST]}\"")
+        print(
+            f"train.py validates on '{SPLIT_FOLDERS[VALIDATION]}' ({VALIDATION}) and never reads "
+            f"'{SPLIT_FOLDERS[FINAL_TEST]}' ({FINAL_TEST}): score it once at the end with "
+            f'python test.py --eval "{out / SPLIT_FOLDERS[FINAL_TEST]}"'
+        )
     return {"out": out, "counts": counts, "bad": bad}
 
 

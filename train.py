@@ -9,6 +9,7 @@ whole batches as tensor operations, so two CPU cores spend their time in the con
 Writes the best model (by validation accuracy) to --out, the last epoch beside it as *.last.pt
 for --resume, and confusion matrices, training curves and a metrics JSON beside it.
 """
+
 import argparse
 import json
 import math
@@ -57,7 +58,7 @@ from network import (
     count_parameters,
     cpu_has_bf16,
     fuse_for_inference,
-    predict_proba,
+    predict_both,
     to_input,
 )
 
@@ -85,10 +86,22 @@ CLASS_WEIGHT_POWER = 0.5  # loss weight (1 / class frequency) ** 0.5: lifts disg
 MIXUP_ALPHA = 0.0  # mixup off: it did not help this net
 SEED = 0
 # The schedule a run is started with; --resume takes it from the checkpoint (a changed schedule cannot resume).
-SCHEDULE_DEFAULTS = {"epochs": EPOCHS, "batch_size": BATCH_SIZE, "lr": PEAK_LR, "mixup": MIXUP_ALPHA, "seed": SEED,
-                     "max_batches": 0}
-RECIPE = {"momentum": MOMENTUM, "warmup_share": WARMUP_SHARE, "weight_decay": WEIGHT_DECAY,
-          "label_smoothing": LABEL_SMOOTHING, "ema_decay": EMA_DECAY, "class_weight_power": CLASS_WEIGHT_POWER}
+SCHEDULE_DEFAULTS = {
+    "epochs": EPOCHS,
+    "batch_size": BATCH_SIZE,
+    "lr": PEAK_LR,
+    "mixup": MIXUP_ALPHA,
+    "seed": SEED,
+    "max_batches": 0,
+}
+RECIPE = {
+    "momentum": MOMENTUM,
+    "warmup_share": WARMUP_SHARE,
+    "weight_decay": WEIGHT_DECAY,
+    "label_smoothing": LABEL_SMOOTHING,
+    "ema_decay": EMA_DECAY,
+    "class_weight_power": CLASS_WEIGHT_POWER,
+}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -106,12 +119,16 @@ def load_image_folder(root, progress=True):
         raise UserError(f"data folder {root} not found: run preparation.py first or pass --data")
     subdirs = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not subdirs:
-        raise UserError(f"data folder {root} has no class folders: expected one folder per emotion "
-                        f"({', '.join(EMOTIONS)}); run preparation.py")
+        raise UserError(
+            f"data folder {root} has no class folders: expected one folder per emotion "
+            f"({', '.join(EMOTIONS)}); run preparation.py"
+        )
     unknown = [d for d in subdirs if d not in EMOTIONS]
     if unknown:
-        raise UserError(f"data folder {root}: class folder {unknown[0]!r} is not one of the seven emotions "
-                        f"({', '.join(EMOTIONS)}); rename or remove it")
+        raise UserError(
+            f"data folder {root}: class folder {unknown[0]!r} is not one of the seven emotions "
+            f"({', '.join(EMOTIONS)}); rename or remove it"
+        )
     try:
         ds = ImageFolder(str(root), loader=lambda p: p, allow_empty=True)
     except (FileNotFoundError, OSError) as e:
@@ -121,7 +138,9 @@ def load_image_folder(root, progress=True):
     if empty:
         raise UserError(f"data folder {root}: class folder {empty[0]!r} has no images; add images or remove the folder")
     faces, labels, skipped = [], [], []
-    for path, target in tqdm(ds.samples, desc=f"loading {root.name}", unit=" img", disable=not progress, mininterval=0.5):
+    for path, target in tqdm(
+        ds.samples, desc=f"loading {root.name}", unit=" img", disable=not progress, mininterval=0.5
+    ):
         try:
             with Image.open(path) as im:
                 im = im.convert("L")
@@ -178,20 +197,22 @@ def stratified_split(labels, fraction, seed):
     counts = np.bincount(labels)
     n_val = int(round(fraction * len(labels)))
     if counts[counts > 0].min() < 2 or n_val < len(counts[counts > 0]):
-        raise UserError(f"too few images for a validation split ({len(labels)} images, smallest class "
-                        f"{counts[counts > 0].min()}): add images, or pass --val with a validation folder")
+        raise UserError(
+            f"too few images for a validation split ({len(labels)} images, smallest class "
+            f"{counts[counts > 0].min()}): add images, or pass --val with a validation folder"
+        )
     idx = np.arange(len(labels))
     return train_test_split(idx, test_size=n_val, stratify=labels, random_state=seed)
 
 
 # --photo-aug: photos are lit, exposed, framed and sharp in other ways than FER2013's faces.
-PHOTO_P = 0.5               # share of faces given a photo's look; the rest stay as FER2013 has them
-PHOTO_GAMMA = 0.4           # gamma exp(U(-0.4, 0.4)): 0.67-1.49, under- and over-exposed faces
+PHOTO_P = 0.5  # share of faces given a photo's look; the rest stay as FER2013 has them
+PHOTO_GAMMA = 0.4  # gamma exp(U(-0.4, 0.4)): 0.67-1.49, under- and over-exposed faces
 PHOTO_CONTRAST = (0.6, 1.4)  # around each face's own mean: flat and harsh light
-PHOTO_BRIGHTNESS = 0.1      # +-10% of the gray range
-PHOTO_LOW_RES_P = 0.3       # share of faces seen at a lower resolution (a small face in a photo, a blurred one)
-PHOTO_LOW_RES = (20, 40)    # the side they are shrunk to before being scaled back to 48 px
-PHOTO_NOISE = 0.03          # sensor noise, standard deviation up to 3% of the gray range
+PHOTO_BRIGHTNESS = 0.1  # +-10% of the gray range
+PHOTO_LOW_RES_P = 0.3  # share of faces seen at a lower resolution (a small face in a photo, a blurred one)
+PHOTO_LOW_RES = (20, 40)  # the side they are shrunk to before being scaled back to 48 px
+PHOTO_NOISE = 0.03  # sensor noise, standard deviation up to 3% of the gray range
 PHOTO_SCALE = (0.85, 1.15)  # wider than FER2013's own framing jitter: a detector frames faces less alike
 
 
@@ -233,8 +254,13 @@ def augment(x, gen, max_rotate=10.0, max_shift=0.1, scale=(0.9, 1.1), erase_p=0.
     s = scale[0] + r(n) * (scale[1] - scale[0])
     flip = torch.where(r(n) < 0.5, -1.0, 1.0)
     cos, sin = torch.cos(angle) / s, torch.sin(angle) / s
-    theta = torch.stack([torch.stack([cos * flip, -sin, (r(n) * 2 - 1) * max_shift * 2], 1),
-                         torch.stack([sin * flip, cos, (r(n) * 2 - 1) * max_shift * 2], 1)], 1)
+    theta = torch.stack(
+        [
+            torch.stack([cos * flip, -sin, (r(n) * 2 - 1) * max_shift * 2], 1),
+            torch.stack([sin * flip, cos, (r(n) * 2 - 1) * max_shift * 2], 1),
+        ],
+        1,
+    )
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
     if photo:
@@ -249,8 +275,13 @@ def augment(x, gen, max_rotate=10.0, max_shift=0.1, scale=(0.9, 1.1), erase_p=0.
     x0 = r(n) * (w - ew)
     ys = torch.arange(h, device=x.device).view(1, h, 1)
     xs = torch.arange(w, device=x.device).view(1, 1, w)
-    mask = ((ys >= y0.view(n, 1, 1)) & (ys < (y0 + eh).view(n, 1, 1)) &
-            (xs >= x0.view(n, 1, 1)) & (xs < (x0 + ew).view(n, 1, 1)) & (r(n) < erase_p).view(n, 1, 1))
+    mask = (
+        (ys >= y0.view(n, 1, 1))
+        & (ys < (y0 + eh).view(n, 1, 1))
+        & (xs >= x0.view(n, 1, 1))
+        & (xs < (x0 + ew).view(n, 1, 1))
+        & (r(n) < erase_p).view(n, 1, 1)
+    )
     return x.masked_fill(mask.unsqueeze(1), 0.0)
 
 
@@ -307,8 +338,10 @@ def setup_processes(device_name):
     if device.type == "cuda":
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         if local_rank >= torch.cuda.device_count():
-            raise UserError(f"torchrun started {world} processes but this machine has {torch.cuda.device_count()} "
-                            f"GPUs: lower --nproc_per_node")
+            raise UserError(
+                f"torchrun started {world} processes but this machine has {torch.cuda.device_count()} "
+                f"GPUs: lower --nproc_per_node"
+            )
         torch.cuda.set_device(local_rank)
         device, backend = torch.device("cuda", local_rank), "nccl"
     elif device.type == "cpu":
@@ -324,8 +357,9 @@ def epoch_order(n, gen, epoch, args, procs):
     if procs.world == 1:
         return torch.randperm(n, generator=gen)
 
-    sampler = DistributedSampler(range(n), num_replicas=procs.world, rank=procs.rank, shuffle=True,
-                                 seed=args.seed, drop_last=True)
+    sampler = DistributedSampler(
+        range(n), num_replicas=procs.world, rank=procs.rank, shuffle=True, seed=args.seed, drop_last=True
+    )
     sampler.set_epoch(epoch)
     return torch.tensor(list(sampler), dtype=torch.long)
 
@@ -338,9 +372,10 @@ def ema_with_warmup(decay):
     """EMA update whose decay grows as min(decay, (1 + n) / (10 + n)) with the number of updates n.
 
     A fixed 0.999 from the first step makes the average mostly random initial weights for the first
-    few thousand steps (measured: validation stuck at 18% until epoch 7); the warm-up lets it track
-    the model early and smooth it late.
+    few thousand steps (validation stayed near chance for epochs); the warm-up lets it track the model
+    early and smooth it late.
     """
+
     def update(averaged, current, num_averaged):
         n = float(num_averaged)
         d = min(decay, (1.0 + n) / (10.0 + n))
@@ -350,6 +385,7 @@ def ema_with_warmup(decay):
         for a, c in zip(averaged, current):
             if not a.is_floating_point():  # BatchNorm's step counter: take the model's
                 a.copy_(c)
+
     return update
 
 
@@ -370,10 +406,16 @@ def train_one_epoch(run, faces, labels, *, epoch, progress=True):
     model.train()
     loss_args = {"weight": run.class_weights, "label_smoothing": LABEL_SMOOTHING}
     total_loss, correct, seen = 0.0, 0, 0
-    bar = tqdm(range(n_batches), desc=f"epoch {epoch + 1}/{args.epochs}", unit=" batch", disable=not progress,
-               leave=False, mininterval=1.0)
+    bar = tqdm(
+        range(n_batches),
+        desc=f"epoch {epoch + 1}/{args.epochs}",
+        unit=" batch",
+        disable=not progress,
+        leave=False,
+        mininterval=1.0,
+    )
     for b in bar:
-        idx = order[b * args.batch_size:(b + 1) * args.batch_size]
+        idx = order[b * args.batch_size : (b + 1) * args.batch_size]
         # Faces live on the training device (uint8), so on a GPU the augmentation runs there too.
         x = augment(to_input(faces[idx.to(faces.device)]), gen, photo=args.photo_aug)
         x = x.contiguous(memory_format=torch.channels_last)
@@ -415,9 +457,13 @@ def evaluate(model, faces, labels, device, bf16, n_classes=None, procs=Dist()):
     k = n_classes or model.head.out_features
     mine = slice(procs.rank, None, procs.world)
     # Scored as test.py scores it: BatchNorm folded into the convolutions (fuse_for_inference).
-    plain, averaged = predict_proba(fuse_for_inference(model), faces[mine], device, bf16=bf16, both=True)
-    cms = np.stack([np.bincount(np.asarray(labels[mine]) * k + p.argmax(1).numpy(), minlength=k * k).reshape(k, k)
-                    for p in (averaged, plain)])
+    plain, averaged = predict_both(fuse_for_inference(model), faces[mine], device, bf16=bf16)
+    cms = np.stack(
+        [
+            np.bincount(np.asarray(labels[mine]) * k + p.argmax(1).numpy(), minlength=k * k).reshape(k, k)
+            for p in (averaged, plain)
+        ]
+    )
     cms = np.rint(procs.sum(cms, device)).astype(np.int64)  # one all-reduce for both matrices
     return metrics_from_confusion(cms[0]), metrics_from_confusion(cms[1])
 
@@ -472,6 +518,7 @@ def output_paths(out, plots_dir):
 @dataclass
 class Data:
     """The faces a run trains and validates on (uint8, model-order labels)."""
+
     faces: np.ndarray
     labels: np.ndarray
     classes: list
@@ -484,6 +531,7 @@ class Data:
 @dataclass
 class Run:
     """What one training run holds from start to end: what train_one_epoch() steps and save_epoch() writes."""
+
     args: argparse.Namespace
     model: torch.nn.Module
     train_model: torch.nn.Module  # the model itself, or its DistributedDataParallel wrapper under torchrun
@@ -509,30 +557,60 @@ def save_epoch(run, epoch, history, best, is_best, first_save):
     paths = output_paths(args.out, args.plots)
     train_args = {k: (project_relative(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     ckpt = {
-        "format_version": CHECKPOINT_FORMAT, "arch": DEFAULT_ARCH, "arch_args": DEFAULT_ARCH_ARGS,
-        "class_names": list(classes), "input_size": IMAGE_SIZE, "mean": NORM_MEAN, "std": NORM_STD,
-        "epoch": epoch + 1, "train_args": train_args, "recipe": RECIPE,
+        "format_version": CHECKPOINT_FORMAT,
+        "arch": DEFAULT_ARCH,
+        "arch_args": DEFAULT_ARCH_ARGS,
+        "class_names": list(classes),
+        "input_size": IMAGE_SIZE,
+        "mean": NORM_MEAN,
+        "std": NORM_STD,
+        "epoch": epoch + 1,
+        "train_args": train_args,
+        "recipe": RECIPE,
     }
     if is_best:
         # The first save of a run started with --replace keeps the model it replaces (run.backup).
-        atomic_save({**ckpt, "state_dict": ema.module.state_dict(), "metrics": best["metrics"]}, args.out,
-                    backup=run.backup if first_save else None)
-    last = {**ckpt, "state_dict": model.state_dict(), "ema": ema.state_dict(), "optimizer": run.optimizer.state_dict(),
-            "scheduler": run.scheduler.state_dict(), "history": history, "best": best,
-            "wall_seconds": wall}
+        atomic_save(
+            {**ckpt, "state_dict": ema.module.state_dict(), "metrics": best["metrics"]},
+            args.out,
+            backup=run.backup if first_save else None,
+        )
+    last = {
+        **ckpt,
+        "state_dict": model.state_dict(),
+        "ema": ema.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(),
+        "history": history,
+        "best": best,
+        "wall_seconds": wall,
+    }
     if run.scaler is not None:
         last["scaler"] = run.scaler.state_dict()
     atomic_save(last, paths["last"])
-    write_json_atomic({
-        "model": str(args.out.name), "arch": DEFAULT_ARCH, "arch_args": DEFAULT_ARCH_ARGS, "parameters": run.n_params,
-        "class_names": list(classes), "best_epoch": best["epoch"], "epochs_run": epoch + 1,
-        "validation": best["metrics"],
-        "train_wall_seconds": wall,
-        "epoch_seconds": [h["seconds"] for h in history], "history": history, "train_args": train_args,
-        "recipe": RECIPE,
-        "device": str(run.device), "bf16": run.uses_bf16, "threads": torch.get_num_threads(),
-        "processes": run.procs.world, "skipped_images": [project_relative(p) for p, _ in run.skipped],
-    }, paths["metrics"])
+    write_json_atomic(
+        {
+            "model": str(args.out.name),
+            "arch": DEFAULT_ARCH,
+            "arch_args": DEFAULT_ARCH_ARGS,
+            "parameters": run.n_params,
+            "class_names": list(classes),
+            "best_epoch": best["epoch"],
+            "epochs_run": epoch + 1,
+            "validation": best["metrics"],
+            "train_wall_seconds": wall,
+            "epoch_seconds": [h["seconds"] for h in history],
+            "history": history,
+            "train_args": train_args,
+            "recipe": RECIPE,
+            "device": str(run.device),
+            "bf16": run.uses_bf16,
+            "threads": torch.get_num_threads(),
+            "processes": run.procs.world,
+            "skipped_images": [project_relative(p) for p, _ in run.skipped],
+        },
+        paths["metrics"],
+    )
 
 
 def display_path(path):
@@ -546,9 +624,16 @@ def display_path(path):
 def write_plots(best, history, classes, paths):
     """Confusion matrices of the best epoch (counts and recall per class) and the training curves."""
     m, name = best["metrics"], best["metrics"]["validation_set"]
-    plot_confusion(m["confusion"], classes, paths["cm_counts"], False, f"validation ({name}), epoch {best['epoch']}: counts")
-    plot_confusion(m["confusion"], classes, paths["cm_rates"], True,
-                   f"validation ({name}), epoch {best['epoch']}: recall per class")
+    plot_confusion(
+        m["confusion"], classes, paths["cm_counts"], False, f"validation ({name}), epoch {best['epoch']}: counts"
+    )
+    plot_confusion(
+        m["confusion"],
+        classes,
+        paths["cm_rates"],
+        True,
+        f"validation ({name}), epoch {best['epoch']}: recall per class",
+    )
     plot_curves(history, paths["curves"])
 
 
@@ -558,36 +643,76 @@ def write_plots(best, history, classes, paths):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Train the facial emotion CNN on an ImageFolder tree.")
     d = SCHEDULE_DEFAULTS
-    p.add_argument("--data", type=Path, default=REPO_ROOT / "face_datasets" / "Train data",
-                   help="folder with one subfolder per emotion (default: face_datasets/Train data)")
-    p.add_argument("--val", type=Path, default=None,
-                   help="validation folder or FER2013 CSV, whose PublicTest rows are used where it has a Usage column "
-                        f"(default: face_datasets/Test data if present, else a stratified {VAL_FRACTION:.0%}% hold-out)")
-    p.add_argument("--out", type=Path, default=None,
-                   help=f"model file to write; an existing one only with --replace (default: a new folder "
-                        f"runs/<date-time>/ holding {MODEL_NAME} and its plots; with --resume, the resumed run's file)")
-    p.add_argument("--replace", action="store_true",
-                   help="let --out overwrite an existing model (kept as <name>.<date-time>.bak.pt) and its plots "
-                        "(default: refuse)")
+    p.add_argument(
+        "--data",
+        type=Path,
+        default=REPO_ROOT / "face_datasets" / "Train data",
+        help="folder with one subfolder per emotion (default: face_datasets/Train data)",
+    )
+    p.add_argument(
+        "--val",
+        type=Path,
+        default=None,
+        help="validation folder or FER2013 CSV, whose PublicTest rows are used where it has a Usage column "
+        f"(default: face_datasets/Test data if present, else a stratified {VAL_FRACTION:.0%}% hold-out)",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help=f"model file to write; an existing one only with --replace (default: a new folder "
+        f"runs/<date-time>/ holding {MODEL_NAME} and its plots; with --resume, the resumed run's file)",
+    )
+    p.add_argument(
+        "--replace",
+        action="store_true",
+        help="let --out overwrite an existing model (kept as <name>.<date-time>.bak.pt) and its plots "
+        "(default: refuse)",
+    )
     p.add_argument("--plots", type=Path, default=None, help="folder for plots (default: beside --out)")
     p.add_argument("--epochs", type=int, default=None, help=f"training epochs (default: {d['epochs']})")
     p.add_argument("--batch-size", type=int, default=None, help=f"batch size (default: {d['batch_size']})")
-    p.add_argument("--lr", type=float, default=None,
-                   help=f"peak SGD learning rate of the one-cycle schedule (default: {d['lr']})")
-    p.add_argument("--mixup", type=float, default=None, metavar="ALPHA",
-                   help="mixup: blend each training batch with a shuffled copy of itself, weight ~ Beta(ALPHA, ALPHA) "
-                        "(default: 0 = off)")
-    p.add_argument("--photo-aug", action="store_true",
-                   help="train for photos too: lighting, exposure, resolution, noise and framing changes (default: off)")
+    p.add_argument(
+        "--lr", type=float, default=None, help=f"peak SGD learning rate of the one-cycle schedule (default: {d['lr']})"
+    )
+    p.add_argument(
+        "--mixup",
+        type=float,
+        default=None,
+        metavar="ALPHA",
+        help="mixup: blend each training batch with a shuffled copy of itself, weight ~ Beta(ALPHA, ALPHA) "
+        "(default: 0 = off)",
+    )
+    p.add_argument(
+        "--photo-aug",
+        action="store_true",
+        help="train for photos too: lighting, exposure, resolution, noise and framing changes (default: off)",
+    )
     p.add_argument("--seed", type=int, default=None, help=f"random seed (default: {d['seed']})")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto",
-                   help="device (default: auto = cuda, then mps, then cpu)")
-    p.add_argument("--max-batches", type=int, default=None,
-                   help="stop each epoch after N batches, for a quick try (default: 0 = all)")
-    p.add_argument("--resume", type=Path, default=None,
-                   help="continue from a *.last.pt checkpoint with its own schedule (default: start fresh)")
-    p.add_argument("--no-bf16", dest="bf16", action="store_false",
-                   help="train in float32 (default: bfloat16 autocast where the CPU or GPU supports it)")
+    p.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda", "mps"],
+        default="auto",
+        help="device (default: auto = cuda, then mps, then cpu)",
+    )
+    p.add_argument(
+        "--max-batches",
+        type=int,
+        default=None,
+        help="stop each epoch after N batches, for a quick try (default: 0 = all)",
+    )
+    p.add_argument(
+        "--resume",
+        type=Path,
+        default=None,
+        help="continue from a *.last.pt checkpoint with its own schedule (default: start fresh)",
+    )
+    p.add_argument(
+        "--no-bf16",
+        dest="bf16",
+        action="store_false",
+        help="train in float32 (default: bfloat16 autocast where the CPU or GPU supports it)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars (default: shown)")
     p.add_argument("--debug", action="store_true", help="show tracebacks (default: one-line errors)")
     args = p.parse_args(argv)
@@ -618,7 +743,9 @@ def resume_schedule(args):
     """
     ck = load_checkpoint(args.resume)
     if "optimizer" not in ck:
-        raise UserError(f"--resume {args.resume} has no optimiser state: pass the *.last.pt file written beside the model")
+        raise UserError(
+            f"--resume {args.resume} has no optimiser state: pass the *.last.pt file written beside the model"
+        )
     recorded = ck.get("train_args", {})
     clashes = []
     for k, default in SCHEDULE_DEFAULTS.items():
@@ -628,8 +755,10 @@ def resume_schedule(args):
         elif getattr(args, k) != was:
             clashes.append(f"--{k.replace('_', '-')} {was} (not {getattr(args, k)})")
     if clashes:
-        raise UserError(f"--resume {args.resume}: that run was started with {', '.join(clashes)}; resume without "
-                        "those flags to finish it, or start a new run without --resume")
+        raise UserError(
+            f"--resume {args.resume}: that run was started with {', '.join(clashes)}; resume without "
+            "those flags to finish it, or start a new run without --resume"
+        )
     return ck
 
 
@@ -667,8 +796,10 @@ def choose_outputs(args):
     if not args.out.exists():
         return None
     if not args.replace:
-        raise UserError(f"--out {args.out} exists{previous_score(args.out)}: pass --replace to overwrite it (the old "
-                        f"one is kept as a .bak.pt), or leave --out out and the run gets its own folder under runs/")
+        raise UserError(
+            f"--out {args.out} exists{previous_score(args.out)}: pass --replace to overwrite it (the old "
+            f"one is kept as a .bak.pt), or leave --out out and the run gets its own folder under runs/"
+        )
     stem = args.out.name[:-3] if args.out.name.endswith(".pt") else args.out.name
     return args.out.with_name(f"{stem}.{stamp}.bak.pt")
 
@@ -691,8 +822,10 @@ def interrupted_note(args, best, epochs_saved, backup):
         return f"no epoch finished, so nothing was written{kept}"
     last = output_paths(args.out, args.plots)["last"]
     kept = f"; the model it replaced is kept as {backup}" if backup is not None and backup.exists() else ""
-    return (f"{args.out} holds the best epoch so far ({best['epoch']}, {best['accuracy']:.1%}){kept}; "
-            f"finish the run with python train.py --resume {last}")
+    return (
+        f"{args.out} holds the best epoch so far ({best['epoch']}, {best['accuracy']:.1%}){kept}; "
+        f"finish the run with python train.py --resume {last}"
+    )
 
 
 def train(args, device, procs, resumed=None, backup=None):
@@ -714,9 +847,13 @@ def train(args, device, procs, resumed=None, backup=None):
             entry, metrics = run_epoch(run, data, faces, labels, epoch=epoch, progress=progress)
             history.append(entry)
             is_best = best is None or metrics["accuracy"] > best["accuracy"]
-            log(f"epoch {epoch + 1:3d}/{args.epochs}  loss {entry['train_loss']:.4f}  train acc {entry['train_acc']:.4f}"
+            log(
+                f"epoch {epoch + 1:3d}/{args.epochs}  loss {entry['train_loss']:.4f}"
+                f"  train acc {entry['train_acc']:.4f}"
                 f"  val acc {entry['val_acc']:.4f}  macro-F1 {entry['val_macro_f1']:.4f}  {entry['seconds']:.0f}s"
-                f" ({entry['images_per_s']:.0f} img/s){'  *best' if is_best else ''}", flush=True)
+                f" ({entry['images_per_s']:.0f} img/s){'  *best' if is_best else ''}",
+                flush=True,
+            )
             if is_best:
                 best = {"epoch": epoch + 1, "accuracy": metrics["accuracy"], "metrics": metrics}
             if procs.main:
@@ -737,8 +874,10 @@ def train(args, device, procs, resumed=None, backup=None):
     if procs.main and best is not None:  # plots once, at the end, not every epoch
         write_plots(best, history, data.classes, paths)
     procs.barrier()  # no process leaves before rank 0 has written the files
-    log(f"best validation accuracy {best['accuracy']:.4f} at epoch {best['epoch']}; model: {args.out}; "
-        f"plots: {paths['cm_counts'].parent}")
+    log(
+        f"best validation accuracy {best['accuracy']:.4f} at epoch {best['epoch']}; model: {args.out}; "
+        f"plots: {paths['cm_counts'].parent}"
+    )
     if procs.main and args.out.resolve() != (REPO_ROOT / "models" / MODEL_NAME).resolve():
         log(f"use it: python test.py --model {display_path(args.out)} photo.jpg")
     return {"model": args.out, "best": best, "history": history, "paths": paths}
@@ -780,23 +919,43 @@ def build_run(args, data, device, procs, started, backup, log):
     decay, no_decay = [], []
     for prm in model.parameters():
         (no_decay if prm.ndim <= 1 else decay).append(prm)
-    optimizer = torch.optim.SGD([{"params": decay, "weight_decay": WEIGHT_DECAY},
-                                 {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, momentum=MOMENTUM, nesterov=True)
+    optimizer = torch.optim.SGD(
+        [{"params": decay, "weight_decay": WEIGHT_DECAY}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=args.lr,
+        momentum=MOMENTUM,
+        nesterov=True,
+    )
     steps_per_epoch = len(data.faces) // procs.world // args.batch_size or 1  # --batch-size is per process
     if args.max_batches:
         steps_per_epoch = min(steps_per_epoch, args.max_batches)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, epochs=args.epochs,
-                                                    steps_per_epoch=steps_per_epoch, pct_start=WARMUP_SHARE)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=args.lr, epochs=args.epochs, steps_per_epoch=steps_per_epoch, pct_start=WARMUP_SHARE
+    )
     freq = np.bincount(data.labels, minlength=len(data.classes)).astype(float)
-    weights = torch.tensor((freq.sum() / np.maximum(freq, 1) / len(data.classes)) ** CLASS_WEIGHT_POWER,
-                           dtype=torch.float32)
+    weights = torch.tensor(
+        (freq.sum() / np.maximum(freq, 1) / len(data.classes)) ** CLASS_WEIGHT_POWER, dtype=torch.float32
+    )
     weights = weights / (weights * torch.tensor(freq / freq.sum(), dtype=torch.float32)).sum()  # mean weight 1
     n_params = count_parameters(model)
     log(f"model: {DEFAULT_ARCH} {DEFAULT_ARCH_ARGS}, {n_params:,} parameters")
-    return Run(args=args, model=model, train_model=train_model, ema=ema, optimizer=optimizer, scheduler=scheduler,
-               scaler=torch.amp.GradScaler("cuda") if fp16 else None, class_weights=weights.to(device),
-               classes=data.classes, n_params=n_params, started=started, device=device, uses_bf16=uses_bf16,
-               procs=procs, skipped=data.skipped, backup=backup)
+    return Run(
+        args=args,
+        model=model,
+        train_model=train_model,
+        ema=ema,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        scaler=torch.amp.GradScaler("cuda") if fp16 else None,
+        class_weights=weights.to(device),
+        classes=data.classes,
+        n_params=n_params,
+        started=started,
+        device=device,
+        uses_bf16=uses_bf16,
+        procs=procs,
+        skipped=data.skipped,
+        backup=backup,
+    )
 
 
 def restore(run, ck, log):
@@ -819,15 +978,35 @@ def run_epoch(run, data, faces, labels, *, epoch, progress):
     t0 = time.time()
     loss, acc, seen = train_one_epoch(run, faces, labels, epoch=epoch, progress=progress)
     seconds = time.time() - t0
-    with_tta, without = evaluate(run.ema.module, data.val_faces, data.val_labels, run.device, run.args.bf16,
-                                 n_classes=len(data.classes), procs=run.procs)
-    entry = {"epoch": epoch + 1, "train_loss": loss, "train_acc": acc, "val_acc": with_tta["accuracy"],
-             "val_acc_no_tta": without["accuracy"], "val_macro_f1": with_tta["macro_f1"], "seconds": seconds,
-             "images_per_s": seen / seconds}
-    metrics = {"validation_set": data.val_name, "n": int(len(data.val_labels)), "accuracy": with_tta["accuracy"],
-               "accuracy_no_tta": without["accuracy"], "macro_f1": with_tta["macro_f1"], "test_shift": TEST_SHIFT,
-               "per_class": {c: {k: v[i] for k, v in with_tta["per_class"].items()} for i, c in enumerate(data.classes)},
-               "confusion": with_tta["confusion"]}
+    with_tta, without = evaluate(
+        run.ema.module,
+        data.val_faces,
+        data.val_labels,
+        run.device,
+        run.args.bf16,
+        n_classes=len(data.classes),
+        procs=run.procs,
+    )
+    entry = {
+        "epoch": epoch + 1,
+        "train_loss": loss,
+        "train_acc": acc,
+        "val_acc": with_tta["accuracy"],
+        "val_acc_no_tta": without["accuracy"],
+        "val_macro_f1": with_tta["macro_f1"],
+        "seconds": seconds,
+        "images_per_s": seen / seconds,
+    }
+    metrics = {
+        "validation_set": data.val_name,
+        "n": int(len(data.val_labels)),
+        "accuracy": with_tta["accuracy"],
+        "accuracy_no_tta": without["accuracy"],
+        "macro_f1": with_tta["macro_f1"],
+        "test_shift": TEST_SHIFT,
+        "per_class": {c: {k: v[i] for k, v in with_tta["per_class"].items()} for i, c in enumerate(data.classes)},
+        "confusion": with_tta["confusion"],
+    }
     return entry, metrics
 
 

@@ -1,4 +1,5 @@
 """Shared fixtures: the scripts loaded by path, synthetic FER2013 CSVs, and where ../shared is."""
+
 import importlib.util
 import subprocess
 import sys
@@ -31,7 +32,7 @@ def synthetic_faces(n, seed=0):
     labels = np.arange(n) % 7
     faces = rng.integers(0, 60, size=(n, 48, 48), dtype=np.uint8)
     for i, y in enumerate(labels):
-        faces[i, 6 * y:6 * y + 6, :] = 220
+        faces[i, 6 * y : 6 * y + 6, :] = 220
     return faces, labels
 
 
@@ -76,9 +77,20 @@ def tiny_model(tmp_path_factory):
     torch.manual_seed(0)
     model = network.build_model("EmotionNet", {"widths": [8, 8, 8, 8]}, 7)
     path = tmp_path_factory.mktemp("model") / "tiny.pt"
-    common.atomic_save({"format_version": 1, "arch": "EmotionNet", "arch_args": {"widths": [8, 8, 8, 8]},
-                        "class_names": sorted(EMOTIONS), "input_size": 48, "mean": 0.5, "std": 0.25,
-                        "state_dict": model.state_dict(), "epoch": 0}, path)
+    common.atomic_save(
+        {
+            "format_version": 1,
+            "arch": "EmotionNet",
+            "arch_args": {"widths": [8, 8, 8, 8]},
+            "class_names": sorted(EMOTIONS),
+            "input_size": 48,
+            "mean": 0.5,
+            "std": 0.25,
+            "state_dict": model.state_dict(),
+            "epoch": 0,
+        },
+        path,
+    )
     return path
 
 

@@ -1,4 +1,5 @@
 """benchmark.py runs end to end and writes every figure it prints (speed itself is not tested)."""
+
 import json
 
 from conftest import ROOT, load_script
@@ -9,9 +10,19 @@ def test_benchmark_writes_its_figures(tmp_path):
     out = tmp_path / "bench.json"
     results = bench.main(bench.parse_args(["--runs", "1", "--batch-size", "8", "--json", str(out)]))
     saved = json.loads(out.read_text())
-    for key in ("train_img_s_fp32", "train_img_s_bf16", "infer_one_face_s", "infer_batched_faces_s",
-                "infer_batched_no_tta_faces_s", "photo_detect_ms", "photo_classify_ms", "video_640x480_fps",
-                "train_flops_per_image", "matmul_flops_bf16", "utilisation"):
+    for key in (
+        "train_img_s_fp32",
+        "train_img_s_bf16",
+        "infer_one_face_s",
+        "infer_batched_faces_s",
+        "infer_batched_no_tta_faces_s",
+        "photo_detect_ms",
+        "photo_classify_ms",
+        "video_640x480_fps",
+        "train_flops_per_image",
+        "matmul_flops_bf16",
+        "utilisation",
+    ):
         assert saved[key] == results[key] and saved[key] > 0, key
     assert saved["photo_faces"] >= 1  # the sample photo has a face
 
@@ -19,5 +30,7 @@ def test_benchmark_writes_its_figures(tmp_path):
 def test_results_speed_table_is_the_saved_benchmark():
     bench = load_script("benchmark")
     table = bench.markdown_table(json.loads((ROOT / "models" / "benchmark.json").read_text()))
-    assert table in (ROOT / "RESULTS.md").read_text(), \
-        "RESULTS.md's speed table is not models/benchmark.json's: paste `python benchmark.py --markdown models/benchmark.json`"
+    assert table in (ROOT / "RESULTS.md").read_text(), (
+        "RESULTS.md's speed table is not models/benchmark.json's: "
+        "paste `python benchmark.py --markdown models/benchmark.json`"
+    )

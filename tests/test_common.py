@@ -1,4 +1,5 @@
 """The shared module: class names, the model, preprocessing and checkpoints."""
+
 import numpy as np
 import pytest
 import torch
@@ -42,8 +43,13 @@ def test_subpixel_shift_is_bilinear_resampling_at_that_offset(shift):
     expected = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
     got = network.subpixel_shift(x, shift)
     assert got.shape == x.shape and torch.allclose(got, expected, atol=1e-4)  # grid_sample rounds its grid
-    assert torch.allclose(got[0, 0, 10, 10], (1 - shift) ** 2 * x[0, 0, 10, 10] + shift * (1 - shift) * (
-        x[0, 0, 10, 11] + x[0, 0, 11, 10]) + shift ** 2 * x[0, 0, 11, 11], atol=1e-5)
+    assert torch.allclose(
+        got[0, 0, 10, 10],
+        (1 - shift) ** 2 * x[0, 0, 10, 10]
+        + shift * (1 - shift) * (x[0, 0, 10, 11] + x[0, 0, 11, 10])
+        + shift**2 * x[0, 0, 11, 11],
+        atol=1e-5,
+    )
     assert network.subpixel_shift(x, 0) is x
 
 
@@ -53,11 +59,11 @@ def test_predict_proba_rows_sum_to_one():
     assert p.shape == (3, 7) and torch.allclose(p.sum(1), torch.ones(3), atol=1e-3)
 
 
-def test_predict_proba_both_is_plain_and_mirror_averaged():
+def test_predict_both_is_plain_and_mirror_averaged():
     torch.manual_seed(0)
     model = network.build_model("EmotionNet", {"widths": [8, 8, 8, 8]}, 7)
     faces = np.random.default_rng(1).integers(0, 256, (70, 48, 48), dtype=np.uint8)  # two batches of 64
-    plain, averaged = network.predict_proba(model, faces, torch.device("cpu"), bf16=False, both=True)
+    plain, averaged = network.predict_both(model, faces, torch.device("cpu"), bf16=False)
     assert torch.allclose(plain, network.predict_proba(model, faces, torch.device("cpu"), bf16=False, tta=False))
     assert torch.allclose(averaged, network.predict_proba(model, faces, torch.device("cpu"), bf16=False, tta=True))
     assert not torch.allclose(plain, averaged)  # the mirror image changes the answer of a random net
@@ -98,9 +104,19 @@ def test_fused_model_computes_the_same_function():
 
 def tiny_checkpoint(**extra):
     model = network.build_model("EmotionNet", {"widths": [8, 8, 8, 8]}, 7)
-    return model, {"format_version": common.CHECKPOINT_FORMAT, "arch": "EmotionNet", "arch_args": {"widths": [8, 8, 8, 8]},
-                   "class_names": sorted(EMOTIONS), "input_size": 48, "mean": 0.5, "std": 0.25,
-                   "state_dict": model.state_dict(), "epoch": 1, "metrics": {"accuracy": 0.5}, **extra}
+    return model, {
+        "format_version": common.CHECKPOINT_FORMAT,
+        "arch": "EmotionNet",
+        "arch_args": {"widths": [8, 8, 8, 8]},
+        "class_names": sorted(EMOTIONS),
+        "input_size": 48,
+        "mean": 0.5,
+        "std": 0.25,
+        "state_dict": model.state_dict(),
+        "epoch": 1,
+        "metrics": {"accuracy": 0.5},
+        **extra,
+    }
 
 
 def test_checkpoint_round_trip(tmp_path):
@@ -138,10 +154,16 @@ def test_interrupted_save_leaves_old_file(tmp_path, monkeypatch):
     assert torch.load(path)["a"] == 1 and len(list(tmp_path.iterdir())) == 1
 
 
-@pytest.mark.parametrize("case, message", [
-    ("missing", "not found"), ("corrupt", "damaged"), ("foreign", "not a checkpoint of this project"),
-    ("newer", "newer than this code"), ("arch", "does not match architecture"),
-])
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("missing", "not found"),
+        ("corrupt", "damaged"),
+        ("foreign", "not a checkpoint of this project"),
+        ("newer", "newer than this code"),
+        ("arch", "does not match architecture"),
+    ],
+)
 def test_bad_model_files(tmp_path, case, message):
     path = tmp_path / "m.pt"
     _, ckpt = tiny_checkpoint()
@@ -157,7 +179,28 @@ def test_bad_model_files(tmp_path, case, message):
         network.model_from_checkpoint(common.load_checkpoint(path), torch.device("cpu"), path)
 
 
-def test_detect_faces_on_blank_and_tiny_images():
-    cascade = detection.load_face_detector()
-    assert detection.detect_faces(cascade, np.zeros((200, 300), np.uint8)) == []
-    assert detection.detect_faces(cascade, np.zeros((1, 1), np.uint8)) == []
+@pytest.mark.parametrize("name", detection.DETECTORS)
+def test_detectors_on_blank_and_tiny_images(name):
+    detector = detection.load_detector(name)
+    for shape in ((200, 300, 3), (1, 1, 3), (5, 400, 3)):
+        assert detector.detect(np.zeros(shape, np.uint8)) == []
+
+
+def test_overlapping_boxes_are_merged_into_one_per_face():
+    face, shifted, inner, other = (
+        (100, 100, 50, 50, 0.9),
+        (105, 102, 50, 50, 0.8),
+        (110, 110, 25, 25, 0.95),
+        (300, 100, 50, 50, 0.7),
+    )
+    kept = detection.merge_overlapping([face, shifted, inner, other])
+    assert kept == [inner, other]  # the best-scored box of each face; a box inside another is the same face
+
+
+def test_crop_frames_like_fer2013_and_repeats_edges():
+    gray = np.arange(100 * 100, dtype=np.int64).reshape(100, 100).astype(np.uint8)
+    square = detection.fer_square((40, 30, 20, 30), detection.FRAMING["retinaface"])
+    assert square[2] == square[3] == pytest.approx(20 * 1.297)  # wider than the box, square
+    assert square[0] + square[2] / 2 == pytest.approx(50 - 0.003 * 20)
+    crop = detection.crop_face(gray, (-10, -10, 30, 30), 48, None)  # past the corner: edges repeated
+    assert crop.shape == (48, 48) and crop[0, 0] == gray[0, 0]

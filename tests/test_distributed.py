@@ -1,4 +1,5 @@
 """train.py under torchrun: two CPU processes (gloo) write one checkpoint whose metrics a single process confirms."""
+
 import json
 import os
 import subprocess
@@ -12,14 +13,25 @@ from conftest import ROOT, synthetic_faces, write_csv
 from common import load_checkpoint
 from network import model_from_checkpoint, predict_proba
 
-pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="this PyTorch build has no torch.distributed")
+pytestmark = pytest.mark.skipif(
+    not torch.distributed.is_available(), reason="this PyTorch build has no torch.distributed"
+)
 
 
 def torchrun(*args, nproc=2, script=ROOT / "train.py"):
     """train.py under torchrun on CPU processes: on a GPU machine, --device auto would pick CUDA, one GPU each."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           str(script), *map(str, args), "--device", "cpu"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        str(script),
+        *map(str, args),
+        "--device",
+        "cpu",
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
 
 
@@ -34,8 +46,19 @@ def data(tmp_path_factory, preparation):
 
 
 def run_two(data, out):
-    return torchrun("--data", data / "Train data", "--out", out, "--epochs", "2", "--batch-size", "8",
-                    "--no-progress", "--seed", "5")
+    return torchrun(
+        "--data",
+        data / "Train data",
+        "--out",
+        out,
+        "--epochs",
+        "2",
+        "--batch-size",
+        "8",
+        "--no-progress",
+        "--seed",
+        "5",
+    )
 
 
 def test_two_processes_write_one_checkpoint_that_a_single_process_confirms(data, tmp_path, train):
@@ -45,8 +68,14 @@ def test_two_processes_write_one_checkpoint_that_a_single_process_confirms(data,
     assert r.stdout.count("epoch   2/2") == 1, "logs come from rank 0 only"
     assert "2 processes (torchrun)" in r.stdout
     written = sorted(p.name for p in out.parent.iterdir())
-    assert written == ["ddp.confusion_counts.png", "ddp.confusion_normalized.png", "ddp.last.pt",
-                       "ddp.metrics.json", "ddp.pt", "ddp.training_curves.png"]
+    assert written == [
+        "ddp.confusion_counts.png",
+        "ddp.confusion_normalized.png",
+        "ddp.last.pt",
+        "ddp.metrics.json",
+        "ddp.pt",
+        "ddp.training_curves.png",
+    ]
     ck = load_checkpoint(out)
     model = model_from_checkpoint(ck, torch.device("cpu"))
     metrics = json.loads(out.with_name("ddp.metrics.json").read_text())
@@ -65,7 +94,10 @@ def test_same_seed_same_processes_same_weights(data, tmp_path):
     for out in (a, b):
         r = run_two(data, out)
         assert r.returncode == 0, r.stderr[-3000:]
-    sa, sb = load_checkpoint(a.with_name("m.last.pt"))["state_dict"], load_checkpoint(b.with_name("m.last.pt"))["state_dict"]
+    sa, sb = (
+        load_checkpoint(a.with_name("m.last.pt"))["state_dict"],
+        load_checkpoint(b.with_name("m.last.pt"))["state_dict"],
+    )
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
 

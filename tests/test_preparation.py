@@ -1,4 +1,6 @@
-"""The FER2013 CSV reader (common.py) and preparation.py: parsing, validation, the folders it writes, and that failures lose nothing."""
+"""The FER2013 CSV reader (common.py) and preparation.py: parsing, validation, the folders it writes,
+and that failures lose nothing."""
+
 import gzip
 import os
 import subprocess
@@ -26,20 +28,25 @@ def test_parse_pixels_round_trip(preparation):
     assert (out == face).all()
 
 
-@pytest.mark.parametrize("text, message", [
-    ("1 2 3", "has 3 pixel values"),
-    (" ".join(["7"] * 2305), "has 2305 pixel values"),
-    (" ".join(["7"] * 2303 + ["x"]), "non-numeric"),
-    (" ".join(["7"] * 2303 + ["256"]), "outside 0-255"),
-    (" ".join(["7"] * 2303 + ["-1"]), "outside 0-255"),
-    (" ".join(["7"] * 2303 + ["2.5"]), "not a whole number"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("1 2 3", "has 3 pixel values"),
+        (" ".join(["7"] * 2305), "has 2305 pixel values"),
+        (" ".join(["7"] * 2303 + ["x"]), "non-numeric"),
+        (" ".join(["7"] * 2303 + ["256"]), "outside 0-255"),
+        (" ".join(["7"] * 2303 + ["-1"]), "outside 0-255"),
+        (" ".join(["7"] * 2303 + ["2.5"]), "not a whole number"),
+    ],
+)
 def test_parse_pixels_rejects(preparation, text, message):
     with pytest.raises(common.RowError, match=message):
         common.parse_pixels(text)
 
 
-@pytest.mark.parametrize("text, ok", [("0", 0), ("6", 6), (" 3 ", 3), ("7", None), ("-1", None), ("", None), ("a", None), ("2.5", None)])
+@pytest.mark.parametrize(
+    "text, ok", [("0", 0), ("6", 6), (" 3 ", 3), ("7", None), ("-1", None), ("", None), ("a", None), ("2.5", None)]
+)
 def test_parse_label(preparation, text, ok):
     if ok is None:
         with pytest.raises(common.RowError):
@@ -67,7 +74,7 @@ def test_rows_accepted_round_trip_and_rejected_name_the_line(preparation, tmp_pa
     """A mutated row: if the parser accepts it, read_csv gives back its image; if not, the error names its line."""
     values = [str(v) for v in face.ravel()]
     if mutation[0] == "cut":
-        values = values[:mutation[1]]
+        values = values[: mutation[1]]
     elif mutation[0] == "add":
         values += ["0"] * mutation[1]
     else:
@@ -112,12 +119,15 @@ def test_quoted_fields_and_spaces(preparation, tmp_path):
     assert (f == faces).all() and (y == labels).all()
 
 
-@pytest.mark.parametrize("content, message", [
-    (b"", "is empty"),
-    (b"input,target\n", "no usable data rows"),
-    (b"foo,bar\n1,2\n", "line 1: header"),
-    (bytes(range(256)) * 40, "unreadable|header"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"", "is empty"),
+        (b"input,target\n", "no usable data rows"),
+        (b"foo,bar\n1,2\n", "line 1: header"),
+        (bytes(range(256)) * 40, "unreadable|header"),
+    ],
+)
 def test_bad_files(preparation, tmp_path, content, message):
     path = tmp_path / "bad.csv"
     path.write_bytes(content)
@@ -138,8 +148,8 @@ def test_missing_and_truncated_gz(preparation, tmp_path, small_csv):
 def test_bad_row_stops_or_is_skipped(preparation, tmp_path, small_csv):
     path, faces, labels = small_csv
     lines = path.read_text().splitlines()
-    lines[5] = lines[5].rsplit(",", 1)[0] + ",9"      # label out of range, line 6
-    lines[9] = "1 2 3,4"                                # too few values, line 10
+    lines[5] = lines[5].rsplit(",", 1)[0] + ",9"  # label out of range, line 6
+    lines[9] = "1 2 3,4"  # too few values, line 10
     path.write_text("\n".join(lines) + "\n")
     with pytest.raises(UserError, match=r"line 6: row has label 9, .* \(2 bad rows, at lines 6, 10\)"):
         common.read_csv(path, progress=False)
@@ -234,7 +244,9 @@ def test_interrupt_while_removing_the_old_folder(preparation, tmp_path, small_cs
 
     monkeypatch.setattr(preparation, "remove_tree", interrupted)
     with pytest.raises(SystemExit) as e:
-        common.run_main(preparation.main, preparation.parse_args(["--csv", str(path), "--out", str(out), "--no-progress"]))
+        common.run_main(
+            preparation.main, preparation.parse_args(["--csv", str(path), "--out", str(out), "--no-progress"])
+        )
     assert e.value.code == 130
     assert "already complete with the new images; the previous copy was removed" in capsys.readouterr().err
     assert len(list(out.rglob("*.jpg"))) == len(faces) and not (out / "Train data" / "anger" / "stale.jpg").exists()
@@ -275,7 +287,9 @@ def test_skip_bad_writes_rejects(preparation, tmp_path, small_csv):
     lines[3] = lines[3].rsplit(",", 1)[0] + ","
     path.write_text("\n".join(lines) + "\n")
     out = tmp_path / "ds"
-    res = preparation.main(preparation.parse_args(["--csv", str(path), "--out", str(out), "--skip-bad", "--no-progress"]))
+    res = preparation.main(
+        preparation.parse_args(["--csv", str(path), "--out", str(out), "--skip-bad", "--no-progress"])
+    )
     assert res["bad"] == [(4, "has no label")]
     assert (out / "rejects.csv").read_text().splitlines()[1] == "4,has no label"
 
@@ -285,11 +299,14 @@ def test_cli_errors_are_one_line(tmp_path, small_csv):
     bad.write_text("input,target\n1 2,3\n")
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    for args, needle in [(["--csv", str(tmp_path / "missing.csv")], "not found"),
-                         (["--csv", str(bad)], "line 2"),
-                         (["--csv", str(small_csv[0]), "--out", str(blocker)], "is a file"),
-                         (["--csv", str(small_csv[0]), "--out", str(blocker / "sub")], "cannot write")]:
-        r = subprocess.run([sys.executable, str(ROOT / "preparation.py"), *args, "--no-progress"],
-                           capture_output=True, text=True)
+    for args, needle in [
+        (["--csv", str(tmp_path / "missing.csv")], "not found"),
+        (["--csv", str(bad)], "line 2"),
+        (["--csv", str(small_csv[0]), "--out", str(blocker)], "is a file"),
+        (["--csv", str(small_csv[0]), "--out", str(blocker / "sub")], "cannot write"),
+    ]:
+        r = subprocess.run(
+            [sys.executable, str(ROOT / "preparation.py"), *args, "--no-progress"], capture_output=True, text=True
+        )
         assert r.returncode == 1, r.stderr
         assert "Traceback" not in r.stderr and needle in r.stderr and len(r.stderr.strip().splitlines()) == 1

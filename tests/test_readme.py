@@ -5,6 +5,7 @@ the run folder train.py made); training commands get `--epochs 2` where they nam
 cannot run here are listed in ELSEWHERE with the test or reason that covers them, and every README command
 must be one or the other.
 """
+
 import re
 import shutil
 import subprocess
@@ -16,7 +17,7 @@ from test_testpy_inputs import SAMPLE, make_video
 
 README = ROOT / "README.md"
 ELSEWHERE = {
-    "python3 -m venv": ".ci/run makes the virtual environment and installs requirements.txt (test_ci_runs_the_readme_command)",
+    "python3 -m venv": ".ci/run makes the environment and installs requirements.txt (test_ci_runs_the_readme_command)",
     "pip install": ".ci/run installs requirements.txt; the CPU-only index is not reachable from the build machines",
     "python -m pytest": "this suite itself, run by .ci/run (test_ci_runs_the_readme_command)",
     "torchrun": "tests/test_distributed.py runs train.py under torchrun with two CPU processes",
@@ -29,7 +30,7 @@ def readme_commands():
     text = README.read_text()
     found = []
     for block, inline in re.findall(r"```bash\n(.*?)```|`([^`\n]+)`", text, re.S):
-        for line in (block.splitlines() if block else [inline]):
+        for line in block.splitlines() if block else [inline]:
             line = line.split("  #")[0].strip()
             for part in line.split("&&"):
                 part = part.strip()
@@ -41,8 +42,22 @@ def readme_commands():
 def fresh_copy(tmp):
     """The project as a clone has it (no runs, outputs or data), plus a user's small files."""
     root = tmp / "project"
-    shutil.copytree(ROOT, root, ignore=shutil.ignore_patterns(".git", ".venv", "tests", "outputs", "runs", "face_datasets",
-                                                              "__pycache__", ".pytest_cache", "*.csv", "*.csv.gz"))
+    shutil.copytree(
+        ROOT,
+        root,
+        ignore=shutil.ignore_patterns(
+            ".git",
+            ".venv",
+            "tests",
+            "outputs",
+            "runs",
+            "face_datasets",
+            "__pycache__",
+            ".pytest_cache",
+            "*.csv",
+            "*.csv.gz",
+        ),
+    )
     faces, labels = synthetic_faces(42)
     usage = ["Training"] * 28 + ["PublicTest"] * 7 + ["PrivateTest"] * 7
     write_csv(root / "data" / "fer2013.csv", faces, labels, layout="orig", usage=usage)
@@ -75,8 +90,15 @@ def test_every_readme_command_runs(tmp_path):
         if args[0] == "train.py" and not {"--epochs", "--resume"} & set(args):
             args += ["--epochs", "2"]
         expect_fail = "--camera" in args  # no camera on a test machine: the clear one-line error is the answer
-        r = subprocess.run([sys.executable, *args, "--no-progress"] if args[0] in ("train.py", "preparation.py")
-                           else [sys.executable, *args], cwd=root, capture_output=True, text=True, timeout=300)
+        r = subprocess.run(
+            [sys.executable, *args, "--no-progress"]
+            if args[0] in ("train.py", "preparation.py")
+            else [sys.executable, *args],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         if expect_fail:
             assert r.returncode == 1 and "no camera found" in r.stderr and "Traceback" not in r.stderr, (cmd, r.stderr)
         else:

@@ -1,4 +1,5 @@
 """test.py: reading any photo, annotating faces, bad inputs, and --eval."""
+
 import json
 
 import cv2
@@ -29,7 +30,7 @@ def test_read_image_modes(testpy, tmp_path):
     for name, img in cases.items():
         out = testpy.read_image(save(img, tmp_path / name))
         assert out.dtype == np.uint8 and out.ndim == 3 and out.shape[2] == 3, name
-    deep = (np.arange(48 * 64, dtype=np.uint16).reshape(48, 64) * 20)
+    deep = np.arange(48 * 64, dtype=np.uint16).reshape(48, 64) * 20
     cv2.imwrite(str(tmp_path / "deep.png"), deep)
     out = testpy.read_image(tmp_path / "deep.png")
     assert out.shape == (48, 64, 3) and out.max() > 200 and out[..., 0].min() == 0  # scaled, not clipped
@@ -43,8 +44,10 @@ def test_read_image_applies_exif_rotation(testpy, tmp_path):
     assert testpy.read_image(path).shape == (60, 40, 3)
 
 
-@pytest.mark.parametrize("case, message", [("missing", "not found"), ("empty", "empty"), ("text", "not an image"),
-                                           ("truncated", "truncated")])
+@pytest.mark.parametrize(
+    "case, message",
+    [("missing", "not found"), ("empty", "empty"), ("text", "not an image"), ("truncated", "truncated")],
+)
 def test_read_image_errors(testpy, tmp_path, case, message):
     path = tmp_path / "bad.jpg"
     if case == "empty":
@@ -104,4 +107,7 @@ def test_eval_csv_and_folder(testpy, tiny_model, tmp_path, preparation):
     res2 = testpy.run_eval(rec, tmp_path / "ds" / "Train data", tmp_path, None)
     assert res2["n"] == 21
     probs = rec.classify(faces)
-    assert abs(res["accuracy"] - float((probs.argmax(1) == [rec.classes.index(EMOTIONS[y]) for y in labels]).mean())) < 1e-9
+    assert (
+        abs(res["accuracy"] - float((probs.argmax(1) == [rec.classes.index(EMOTIONS[y]) for y in labels]).mean()))
+        < 1e-9
+    )

@@ -1,4 +1,5 @@
 """train.py: loading the image folders, validation split, a tiny run, resume, and what it saves."""
+
 import json
 import shutil
 import subprocess
@@ -29,8 +30,9 @@ def dataset(tmp_path_factory, preparation):
 def tiny_args(train, data, out, *extra, schedule=True):
     """A two-epoch run of two batches on the CPU (a GPU machine's auto device would pick CUDA)."""
     sched = ["--epochs", "2", "--batch-size", "16", "--max-batches", "2"] if schedule else []
-    return train.parse_args(["--data", str(data), *(["--out", str(out)] if out else []), *sched, "--no-progress",
-                             "--device", "cpu", *extra])
+    return train.parse_args(
+        ["--data", str(data), *(["--out", str(out)] if out else []), *sched, "--no-progress", "--device", "cpu", *extra]
+    )
 
 
 def copy_data(dataset, tmp_path):
@@ -55,10 +57,15 @@ def test_bad_files_are_skipped(train, dataset, tmp_path):
     assert len(faces) == 84 and sorted(p.split("/")[-1] for p, _ in skipped) == ["cut.jpg", "empty.jpg", "notes.jpg"]
 
 
-@pytest.mark.parametrize("case, message", [
-    ("missing", "not found"), ("empty", "no class folders"), ("unknown", "'smile' is not one of the seven"),
-    ("empty_class", "'fear' has no images"),
-])
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("missing", "not found"),
+        ("empty", "no class folders"),
+        ("unknown", "'smile' is not one of the seven"),
+        ("empty_class", "'fear' has no images"),
+    ],
+)
 def test_bad_data_folders(train, dataset, tmp_path, case, message):
     data = tmp_path / "data"
     if case == "empty":
@@ -171,7 +178,10 @@ def test_an_existing_model_is_replaced_only_with_replace(train, dataset, tmp_pat
     (tmp_path / "m.metrics.json").write_text(json.dumps({"validation": {"accuracy": 0.697, "validation_set": "v.csv"}}))
     with pytest.raises(UserError, match=r"m.pt exists \(69.7% on v.csv\): pass --replace"):
         train.main(tiny_args(train, dataset / "Train data", out))
-    assert out.read_bytes() == b"the earlier model" and sorted(p.name for p in tmp_path.iterdir()) == ["m.metrics.json", "m.pt"]
+    assert out.read_bytes() == b"the earlier model" and sorted(p.name for p in tmp_path.iterdir()) == [
+        "m.metrics.json",
+        "m.pt",
+    ]
     train.main(tiny_args(train, dataset / "Train data", out, "--replace"))
     load_checkpoint(out)
     train.main(tiny_args(train, dataset / "Train data", out, "--replace"))
@@ -205,11 +215,15 @@ def test_resume_takes_the_checkpoint_schedule_or_refuses_up_front(train, dataset
     last = str(tmp_path / "m.last.pt")
     loaded = []
     monkeypatch.setattr(train, "load_image_folder", lambda *a, **k: loaded.append(1) / 0)
-    with pytest.raises(UserError, match=r"started with --epochs 2 \(not 5\), --max-batches 2 \(not 20\); resume without"):
+    with pytest.raises(
+        UserError, match=r"started with --epochs 2 \(not 5\), --max-batches 2 \(not 20\); resume without"
+    ):
         train.main(train.parse_args(["--resume", last, "--epochs", "5", "--max-batches", "20", "--device", "cpu"]))
     assert not loaded, "the clash is found before the images load"
     monkeypatch.undo()
-    res = train.main(tiny_args(train, data, None, "--resume", last, schedule=False))  # no schedule flags: the checkpoint's
+    res = train.main(
+        tiny_args(train, data, None, "--resume", last, schedule=False)
+    )  # no schedule flags: the checkpoint's
     assert res["model"] == out and torch.load(last, weights_only=True)["epoch"] == 2
 
 
@@ -236,19 +250,29 @@ def test_recorded_paths_are_not_the_build_machines(train, dataset, tmp_path):
 
 
 def test_cli_errors(dataset, tmp_path):
-    for args, needle in [(["--data", str(tmp_path / "nope")], "not found"),
-                         (["--data", str(dataset / "Train data"), "--resume", str(tmp_path / "x.pt")], "not found")]:
-        r = subprocess.run([sys.executable, str(ROOT / "train.py"), *args, "--no-progress", "--out", str(tmp_path / "m.pt")],
-                           capture_output=True, text=True)
+    for args, needle in [
+        (["--data", str(tmp_path / "nope")], "not found"),
+        (["--data", str(dataset / "Train data"), "--resume", str(tmp_path / "x.pt")], "not found"),
+    ]:
+        r = subprocess.run(
+            [sys.executable, str(ROOT / "train.py"), *args, "--no-progress", "--out", str(tmp_path / "m.pt")],
+            capture_output=True,
+            text=True,
+        )
         assert r.returncode == 1 and needle in r.stderr and "Traceback" not in r.stderr, r.stderr
     r = subprocess.run([sys.executable, str(ROOT / "train.py"), "--epochs", "0"], capture_output=True, text=True)
     assert r.returncode == 2 and "--epochs must be at least 1" in r.stderr
 
 
-@pytest.mark.parametrize("flag, value, message", [
-    ("--lr", "0", "--lr must be a positive number"), ("--lr", "nan", "--lr must be a positive number"),
-    ("--mixup", "-0.2", "--mixup must be 0 (off) or a positive number"), ("--mixup", "inf", "--mixup must be"),
-])
+@pytest.mark.parametrize(
+    "flag, value, message",
+    [
+        ("--lr", "0", "--lr must be a positive number"),
+        ("--lr", "nan", "--lr must be a positive number"),
+        ("--mixup", "-0.2", "--mixup must be 0 (off) or a positive number"),
+        ("--mixup", "inf", "--mixup must be"),
+    ],
+)
 def test_bad_numbers(train, flag, value, message, capsys):
     with pytest.raises(SystemExit) as e:
         train.parse_args([flag, value])
@@ -257,8 +281,9 @@ def test_bad_numbers(train, flag, value, message, capsys):
 
 def test_bad_val_sources(train, dataset, tmp_path):
     """A wrong --val is named as --val (not as the --data folder), before the training images load."""
-    r = subprocess.run([sys.executable, str(ROOT / "train.py"), "--val", str(tmp_path / "val.csv.gz")],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "--val", str(tmp_path / "val.csv.gz")], capture_output=True, text=True
+    )
     assert r.returncode == 2 and f"--val {tmp_path / 'val.csv.gz'} not found" in r.stderr, r.stderr
     notes = tmp_path / "val.txt"
     notes.write_text("not a csv")
