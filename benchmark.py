@@ -12,9 +12,13 @@ matmul's FLOP/s, measured in the same run.
 """
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -24,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from common import REPO_ROOT, load_checkpoint, run_main
+from common import REPO_ROOT, load_checkpoint, read_csv, run_main
 from detection import VIDEO_DETECT_SIZE
 from network import autocast_for, build_model, cpu_has_bf16, model_from_checkpoint, predict_proba, to_input
 
@@ -68,6 +72,31 @@ def train_step_fn(model, batch, bf16, device, augment):
     return step
 
 
+@contextlib.contextmanager
+def busy_core():
+    """A second process spinning on one core for the duration."""
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.5)
+        yield
+    finally:
+        spinner.kill()
+        spinner.wait()
+
+
+def csv_rows_per_second(rows, runs):
+    """Rows/s of common.read_csv on a generated Kaggle-layout CSV of `rows` rows (median of `runs` reads)."""
+    rng = np.random.default_rng(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "fer2013.csv"
+        with open(path, "w") as f:
+            f.write("emotion,pixels,Usage\n")
+            for i in range(rows):
+                pixels = " ".join(map(str, rng.integers(0, 256, 48 * 48)))
+                f.write(f"{i % 7},{pixels},{'Training' if i % 9 else 'PublicTest'}\n")
+        return rows / median_time(lambda: read_csv(path, progress=False), max(1, runs // 2), warmup=0)
+
+
 def training_flops_per_image(model, batch=32):
     """Forward plus backward FLOPs per image, counted by torch.utils.flop_counter."""
     x = torch.randn(batch, 1, 48, 48)
@@ -101,6 +130,9 @@ def parse_args(argv=None):
     )
     p.add_argument("--runs", type=int, default=5, help="timed runs per figure (default: 5)")
     p.add_argument(
+        "--csv-rows", type=int, default=32298, help="rows of the generated CSV whose reading is timed (default: 32298)"
+    )
+    p.add_argument(
         "--batch-size", type=int, default=128, help="training batch (default: 128; inference batches as test.py does)"
     )
     p.add_argument("--json", type=Path, default=None, help="also write the figures to this JSON file (default: none)")
@@ -131,7 +163,14 @@ def markdown_table(r):
             f"matmul on the same cores ({r['matmul_flops_bf16'] / 1e12:.2f} TFLOP/s; float32 "
             f"{r['matmul_flops_fp32'] / 1e12:.2f})",
         ),
-        ("inference, one face at a time", f"{r['infer_one_face_s']:,.0f} faces/s"),
+        (
+            "inference, one face at a time, as `test.py` (1 thread)",
+            f"{r['infer_one_face_s']:,.0f} faces/s ({r['threads']} threads: {r['infer_one_face_all_cores_s']:,.0f})",
+        ),
+        (
+            "the same with another program busy on one core",
+            f"{r['busy_one_face_s']:,.0f} faces/s ({r['threads']} threads: {r['busy_one_face_all_cores_s']:,.0f})",
+        ),
         (
             "inference, batched, as `test.py` (each face and its mirror image)",
             f"{r['infer_batched_faces_s']:,.0f} faces/s",
@@ -141,7 +180,12 @@ def markdown_table(r):
             "test.py on the sample photo",
             f"detection {r['photo_detect_ms']:.0f} ms, classification {r['photo_classify_ms']:.1f} ms",
         ),
-        ("video, 640x480 frames (RetinaFace at 640 px, tracking, drawing)", f"{r['video_640x480_fps']:.0f} frames/s"),
+        (
+            "video, 640x480 frames, as `test.py` (RetinaFace at 640 px, tracking, drawing)",
+            f"{r['video_640x480_fps']:.0f} frames/s",
+        ),
+        ("the same with another program busy on one core", f"{r['busy_video_640x480_fps']:.0f} frames/s"),
+        (f"reading a FER2013 CSV ({r['csv_rows']:,} rows, generated)", f"{r['csv_rows_s']:,.0f} rows/s"),
     ]
     return "\n".join(["| | |", "| --- | --- |"] + [f"| {a} | {b} |" for a, b in rows])
 
@@ -173,18 +217,40 @@ def main(args):
     model = model_from_checkpoint(ckpt, device)
     faces = np.random.default_rng(0).integers(0, 256, (1024, 48, 48), dtype=np.uint8)
     one = faces[:1]
-    s1 = median_time(lambda: predict_proba(model, one, device), args.runs * 4)
+    rec = testpy.Recognizer(args.model, device)
+    cores = torch.get_num_threads()
+
+    def with_threads(n, fn):
+        """Seconds of `fn` with PyTorch on `n` threads (test.py's photos and video use INFERENCE_THREADS)."""
+        torch.set_num_threads(n)
+        try:
+            return fn()
+        finally:
+            torch.set_num_threads(cores)
+
+    def one_face(runs):
+        """(test.py's threads, all cores) seconds for one face, timed alternately so both see the same machine."""
+        times = ([], [])
+        for _ in range(runs):
+            for n, t in zip((testpy.INFERENCE_THREADS, cores), times):
+                t.append(with_threads(n, lambda: median_time(lambda: rec.classify(one), 10, warmup=1)))
+        return statistics.median(times[0]), statistics.median(times[1])
+
+    s1, s1_all = one_face(args.runs * 2)
     sb = median_time(lambda: predict_proba(model, faces, device), args.runs)
     sn = median_time(lambda: predict_proba(model, faces, device, tta=False), args.runs)
     results.update(
-        infer_one_face_s=1 / s1, infer_batched_faces_s=len(faces) / sb, infer_batched_no_tta_faces_s=len(faces) / sn
+        infer_one_face_s=1 / s1,
+        infer_one_face_all_cores_s=1 / s1_all,
+        infer_batched_faces_s=len(faces) / sb,
+        infer_batched_no_tta_faces_s=len(faces) / sn,
     )
     print(
-        f"inference, one face at a time: {1 / s1:8.0f} faces/s   batched: {len(faces) / sb:8.0f} faces/s "
-        f"(both with the mirror-image average, as test.py)   batched without it: {len(faces) / sn:8.0f} faces/s"
+        f"inference, one face at a time: {1 / s1:8.0f} faces/s ({testpy.INFERENCE_THREADS} thread, as test.py; "
+        f"{cores} threads {1 / s1_all:.0f})   batched: {len(faces) / sb:8.0f} faces/s (both with the mirror image, "
+        f"as test.py)   batched without it: {len(faces) / sn:8.0f} faces/s"
     )
 
-    rec = testpy.Recognizer(args.model, device)  # as test.py on photos
     bgr = testpy.read_image(args.photo)
     boxes = rec.boxes(bgr)
     sd = median_time(lambda: rec.boxes(bgr), args.runs)
@@ -197,18 +263,36 @@ def main(args):
         f"detection {sd * 1e3:.1f} ms, classification {sc * 1e3:.1f} ms"
     )
 
-    rec = testpy.Recognizer(args.model, device, detect_size=VIDEO_DETECT_SIZE)  # as test.py --video and --camera
+    video = testpy.Recognizer(args.model, device, detect_size=VIDEO_DETECT_SIZE)  # as test.py --video and --camera
     frame = np.zeros((480, 640, 3), np.uint8)  # the photo letterboxed into a 640x480 video frame
     scale = min(640 / bgr.shape[1], 480 / bgr.shape[0])
     fit = cv2.resize(bgr, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
     frame[: fit.shape[0], : fit.shape[1]] = fit
-    tracker = testpy.FaceTracker(rec.classes)
-    sv = median_time(lambda: testpy.annotate(frame, tracker.update(rec.faces_in(frame))), args.runs * 4)
-    results.update(video_640x480_fps=1 / sv, video_faces=len(rec.faces_in(frame)))
+    tracker = testpy.FaceTracker(video.classes)
+
+    def video_frame(runs):
+        frame_time = lambda: median_time(lambda: testpy.annotate(frame, tracker.update(video.faces_in(frame))), runs)  # noqa: E731
+        return with_threads(testpy.INFERENCE_THREADS, frame_time)
+
+    sv = video_frame(args.runs * 4)
+    results.update(video_640x480_fps=1 / sv, video_faces=len(video.faces_in(frame)))
     print(
         f"video, 640x480 frame ({results['video_faces']} faces, detection at {VIDEO_DETECT_SIZE} px): "
         f"{1 / sv:.1f} frames/s (detection, classification, tracking, drawing)"
     )
+
+    with busy_core():  # another program holds one of the cores, as on a user's busy machine
+        b1, b1_all = one_face(args.runs * 2)
+        bv = video_frame(args.runs * 4)
+    results.update(busy_one_face_s=1 / b1, busy_one_face_all_cores_s=1 / b1_all, busy_video_640x480_fps=1 / bv)
+    print(
+        f"with one core busy: one face {1 / b1:.0f} faces/s ({cores} threads {1 / b1_all:.0f}), "
+        f"video {1 / bv:.1f} frames/s"
+    )
+
+    rows = csv_rows_per_second(args.csv_rows, args.runs)
+    results.update(csv_rows=args.csv_rows, csv_rows_s=rows)
+    print(f"reading a FER2013 CSV of {args.csv_rows:,} rows: {rows:,.0f} rows/s")
 
     flops = training_flops_per_image(build_model(ckpt["arch"], ckpt["arch_args"], len(ckpt["class_names"])))
     peak = matmul_flops(True, args.runs)

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from common import (
@@ -62,6 +63,10 @@ COLORS = {
 }
 # A face in a video keeps its label unless its answer, averaged over this many frames, changes.
 SMOOTH_FRAMES = 10
+# Photos, video and camera classify a few faces a call: too little work to share between threads, and a
+# second thread stalls whenever another program holds a core (RESULTS.md, "Speed"). --eval's large
+# batches use every core.
+INFERENCE_THREADS = 1
 SWITCH_MARGIN = 0.05  # ...and keeps it while the averaged answer for it is within this of the best one
 TRACK_IOU = 0.3  # a box in the next frame overlapping this much is the same face...
 TRACK_MISSING = 5  # ...and a face unseen for more frames than this is gone
@@ -214,13 +219,8 @@ class Recognizer:
 
     def classify(self, faces):
         """Probabilities (N, C) for uint8 face crops (N, 48, 48)."""
-        return predict_proba(
-            self.model,
-            np.asarray(faces, dtype=np.uint8).reshape(-1, self.size, self.size),
-            self.device,
-            self.mean,
-            self.std,
-        ).numpy()
+        faces = np.asarray(faces, dtype=np.uint8).reshape(-1, self.size, self.size)
+        return predict_proba(self.model, faces, self.device, self.mean, self.std).numpy()
 
     def boxes(self, bgr):
         """Face boxes (x, y, w, h) in a BGR image, one per face; the whole image as one box with --no-detect."""
@@ -726,6 +726,13 @@ def parse_args(argv=None):
         default=None,
         help="--detector haar: smallest face as a fraction of the shorter side, 20 px at least (default: 0.0)",
     )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help=f"CPU threads for PyTorch (default: {INFERENCE_THREADS} for photos, --video and --camera, all cores for "
+        "--eval; OMP_NUM_THREADS where set)",
+    )
     p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="cpu", help="device (default: cpu)")
     p.add_argument("--debug", action="store_true", help="show tracebacks (default: one-line errors)")
     args = p.parse_args(argv)
@@ -747,6 +754,8 @@ def parse_args(argv=None):
         p.error("--min-neighbors must be 0 or more")
     if args.smooth < 1:
         p.error("--smooth must be 1 (off) or more frames")
+    if args.threads is not None and args.threads < 1:
+        p.error("--threads must be 1 or more")
     args.haar = haar
     if args.detect_size is None:
         args.detect_size = (
@@ -767,6 +776,9 @@ def main(args):
     if args.camera is None:
         prepare_out_dir(args.out)
     device = choose_device(args.device)
+    threads = args.threads or (None if args.eval is not None or "OMP_NUM_THREADS" in os.environ else INFERENCE_THREADS)
+    if threads:
+        torch.set_num_threads(threads)
     rec = Recognizer(
         args.model, device, detect=args.detect, detector=args.detector, detect_size=args.detect_size, haar=args.haar
     )

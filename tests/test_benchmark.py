@@ -8,12 +8,17 @@ from conftest import ROOT, load_script
 def test_benchmark_writes_its_figures(tmp_path):
     bench = load_script("benchmark")
     out = tmp_path / "bench.json"
-    results = bench.main(bench.parse_args(["--runs", "1", "--batch-size", "8", "--json", str(out)]))
+    results = bench.main(bench.parse_args(["--runs", "1", "--batch-size", "8", "--csv-rows", "50", "--json", str(out)]))
     saved = json.loads(out.read_text())
     for key in (
         "train_img_s_fp32",
         "train_img_s_bf16",
         "infer_one_face_s",
+        "infer_one_face_all_cores_s",
+        "busy_one_face_s",
+        "busy_one_face_all_cores_s",
+        "busy_video_640x480_fps",
+        "csv_rows_s",
         "infer_batched_faces_s",
         "infer_batched_no_tta_faces_s",
         "photo_detect_ms",
