@@ -533,7 +533,7 @@ def run_camera(rec, index, smooth=SMOOTH_FRAMES):
 
 
 def load_eval_data(path, rec):
-    """Faces (N, 48, 48), model-order labels and a note from a FER2013 CSV or an ImageFolder-like folder.
+    """Faces (N, 48, 48), model-order labels, a note and photo counts from a FER2013 CSV or an emotion folder tree.
 
     Folder images of 48x48 or smaller are face crops; larger ones are photos: their largest face is
     classified, or the whole image where none is found (counted in the note). --no-detect: all whole.
