@@ -61,12 +61,14 @@ COLORS = {
     "surprise": (0, 130, 255),
     "neutral": (240, 240, 240),
 }
-# A face in a video keeps its label unless its answer, averaged over this many frames, changes.
-SMOOTH_FRAMES = 10
+LABEL_MAX_HEIGHT = 0.09  # a label's share of the photo's height at most, unless that is below legible
+LABEL_HEIGHT_PER_SCALE = 44  # label height in px per unit of Hershey font scale, text and padding
 # Photos, video and camera classify a few faces a call: too little work to share between threads, and a
 # second thread stalls whenever another program holds a core (RESULTS.md, "Speed"). --eval's large
 # batches use every core.
 INFERENCE_THREADS = 1
+# A face in a video keeps its label unless its answer, averaged over this many frames, changes.
+SMOOTH_FRAMES = 10
 SWITCH_MARGIN = 0.05  # ...and keeps it while the averaged answer for it is within this of the best one
 TRACK_IOU = 0.3  # a box in the next frame overlapping this much is the same face...
 TRACK_MISSING = 5  # ...and a face unseen for more frames than this is gone
@@ -116,13 +118,21 @@ def _overlap(a, b):
     return max(0, min(a[2], b[2]) - max(a[0], b[0])) * max(0, min(a[3], b[3]) - max(a[1], b[1]))
 
 
+def face_core(box):
+    """The part of a face box that must stay visible under its own label: eyes, nose and mouth. The box's top
+    quarter (hair, forehead) and its edges may be covered when there is no room outside the box."""
+    x, y, w, h = box
+    return (x + round(w * 0.1), y + round(h * 0.25), x + round(w * 0.9), y + round(h * 0.92))
+
+
 def place_label(box, size, taken, image_shape):
     """Where a label of `size` (w, h) goes by `box`: the nearest spot above, under or inside the top of the box,
-    shifted sideways or stacked away from it if need be, that covers no other face or label (`taken`);
-    where there is none, the spot that covers least."""
+    shifted sideways or stacked away from it if need be, that covers no other face or label (`taken`) nor its
+    own face's eyes and mouth (a box at the photo's top edge); where there is none, the spot that covers least."""
     x, y, w, h = box
     tw, th = size
     height, width = image_shape[:2]
+    taken = [*taken, face_core(box)]
     spots = []
     for step in range(6):  # rows ever further from the box
         for ty, extra in ((y - th - step * th, 0), (y + h + step * th, 0.5), (y + step * th, 1)):
@@ -150,7 +160,9 @@ def label_layout(faces, shape):
     for f in faces:
         x, y, w, h = f["box"]
         text = f"{f['emotion']} {f['confidence']:.0%}"
-        scale = max(smallest, min(2.0, w / 140))
+        # Sized by the face, but never taller than LABEL_MAX_HEIGHT of the photo: on a tight crop the label
+        # must fit over the forehead rather than cover the face.
+        scale = max(smallest, min(2.0, w / 140, height * LABEL_MAX_HEIGHT / LABEL_HEIGHT_PER_SCALE))
         stroke = max(1, round(scale * 1.6))
         (tw, th), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, stroke)
         pad = max(2, round(th / 4))
