@@ -71,26 +71,30 @@ def small_csv(tmp_path):
     return write_csv(tmp_path / "small.csv", faces, labels), faces, labels
 
 
+def tiny_checkpoint(**extra):
+    """An untrained 8-channel model and its checkpoint dict: enough to check the plumbing, not the accuracy."""
+    model = network.build_model("EmotionNet", {"widths": [8, 8, 8, 8]}, 7)
+    return model, {
+        "format_version": common.CHECKPOINT_FORMAT,
+        "arch": "EmotionNet",
+        "arch_args": {"widths": [8, 8, 8, 8]},
+        "class_names": sorted(EMOTIONS),
+        "input_size": 48,
+        "mean": 0.5,
+        "std": 0.25,
+        "state_dict": model.state_dict(),
+        "epoch": 1,
+        "metrics": {"accuracy": 0.5},
+        **extra,
+    }
+
+
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
-    """An untrained model file: enough to check the plumbing, not the accuracy."""
+    """An untrained model file."""
     torch.manual_seed(0)
-    model = network.build_model("EmotionNet", {"widths": [8, 8, 8, 8]}, 7)
     path = tmp_path_factory.mktemp("model") / "tiny.pt"
-    common.atomic_save(
-        {
-            "format_version": 1,
-            "arch": "EmotionNet",
-            "arch_args": {"widths": [8, 8, 8, 8]},
-            "class_names": sorted(EMOTIONS),
-            "input_size": 48,
-            "mean": 0.5,
-            "std": 0.25,
-            "state_dict": model.state_dict(),
-            "epoch": 0,
-        },
-        path,
-    )
+    common.atomic_save(tiny_checkpoint()[1], path)
     return path
 
 

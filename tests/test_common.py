@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_checkpoint
 
 import common
 import detection
@@ -100,23 +101,6 @@ def test_fused_model_computes_the_same_function():
     faces = np.random.default_rng(0).integers(0, 256, (5, 48, 48), dtype=np.uint8)
     p = network.predict_proba(fused, faces, torch.device("cpu"), bf16=False)
     assert torch.allclose(p, network.predict_proba(model, faces, torch.device("cpu"), bf16=False), atol=1e-4)
-
-
-def tiny_checkpoint(**extra):
-    model = network.build_model("EmotionNet", {"widths": [8, 8, 8, 8]}, 7)
-    return model, {
-        "format_version": common.CHECKPOINT_FORMAT,
-        "arch": "EmotionNet",
-        "arch_args": {"widths": [8, 8, 8, 8]},
-        "class_names": sorted(EMOTIONS),
-        "input_size": 48,
-        "mean": 0.5,
-        "std": 0.25,
-        "state_dict": model.state_dict(),
-        "epoch": 1,
-        "metrics": {"accuracy": 0.5},
-        **extra,
-    }
 
 
 def test_checkpoint_round_trip(tmp_path):

@@ -92,7 +92,12 @@ def test_a_label_on_a_tight_crop_leaves_the_face_visible(testpy):
     # The face fills the photo, so there is no room above or under its box: the label must shrink to fit over
     # the forehead, not cover the eyes and mouth.
     # The last: a large face at the top edge of a larger photo, whose label goes beside or under it instead.
-    for size, box in ((200, (0, 0, 200, 200)), (120, (4, 0, 110, 120)), (900, (30, 0, 840, 900)), (1000, (300, 0, 300, 300))):
+    for size, box in (
+        (200, (0, 0, 200, 200)),
+        (120, (4, 0, 110, 120)),
+        (900, (30, 0, 840, 900)),
+        (1000, (300, 0, 300, 300)),
+    ):
         lab = testpy.label_layout([face(box, [0, 0, 0, 0, 0, 1, 0])], (size, size, 3))[0]
         assert rect_overlap(lab["rect"], testpy.face_core(box)) == 0, (size, lab["rect"])
         x, y, w, h = box
