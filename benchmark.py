@@ -22,14 +22,13 @@ import tempfile
 import time
 from pathlib import Path
 
-import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from common import REPO_ROOT, load_checkpoint, read_csv, run_main
-from detection import VIDEO_DETECT_SIZE
+from detection import VIDEO_DETECT_SIZE, letterbox
 from network import autocast_for, build_model, cpu_has_bf16, model_from_checkpoint, predict_proba, to_input
 
 
@@ -264,10 +263,7 @@ def main(args):
     )
 
     video = testpy.Recognizer(args.model, device, detect_size=VIDEO_DETECT_SIZE)  # as test.py --video and --camera
-    frame = np.zeros((480, 640, 3), np.uint8)  # the photo letterboxed into a 640x480 video frame
-    scale = min(640 / bgr.shape[1], 480 / bgr.shape[0])
-    fit = cv2.resize(bgr, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
-    frame[: fit.shape[0], : fit.shape[1]] = fit
+    frame = letterbox(bgr, 640, 480)  # the photo as a 640x480 video frame
     tracker = testpy.FaceTracker(video.classes)
 
     def video_frame(runs):

@@ -66,6 +66,15 @@ def shrink(image, max_side):
     return image, scale
 
 
+def letterbox(image, width=640, height=480):
+    """`image` scaled to fit a black `width` x `height` frame, top left: a photo made a video frame."""
+    scale = min(width / image.shape[1], height / image.shape[0])
+    fit = cv2.resize(image, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
+    frame = np.zeros((height, width, *image.shape[2:]), image.dtype)
+    frame[: fit.shape[0], : fit.shape[1]] = fit
+    return frame
+
+
 def with_border_retry(detect_once, image, pad=PAD_RETRY):
     """detect_once(image); where that finds nothing, again with a border of repeated edges (PAD_RETRY)."""
     boxes = detect_once(image)

@@ -188,3 +188,12 @@ def test_crop_frames_like_fer2013_and_repeats_edges():
     assert square[0] + square[2] / 2 == pytest.approx(50 - 0.003 * 20)
     crop = detection.crop_face(gray, (-10, -10, 30, 30), 48, None)  # past the corner: edges repeated
     assert crop.shape == (48, 48) and crop[0, 0] == gray[0, 0]
+
+
+def test_letterbox_fits_a_photo_into_a_video_frame():
+    wide = np.full((100, 200, 3), 200, np.uint8)  # scaled by 3.2: 320 x 640, black below
+    frame = detection.letterbox(wide, 640, 480)
+    assert frame.shape == (480, 640, 3) and frame.dtype == np.uint8
+    assert (frame[:320] == 200).all() and (frame[320:] == 0).all()
+    tall = detection.letterbox(np.full((960, 100), 7, np.uint8), 640, 480)  # scaled by 0.5: 480 x 50, black right
+    assert tall.shape == (480, 640) and (tall[:, :50] == 7).all() and (tall[:, 50:] == 0).all()

@@ -19,6 +19,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from detection import letterbox  # noqa: E402
+
 spec = importlib.util.spec_from_file_location("fer_test", ROOT / "test.py")  # `import test` is Python's own package
 testpy = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(testpy)
@@ -29,10 +31,7 @@ def still_clip(photo, path, frames=150, noise=6.0, seed=0):
     img = cv2.imread(str(photo))
     if img is None:
         raise SystemExit(f"error: {photo} cannot be read as an image")
-    scale = min(640 / img.shape[1], 480 / img.shape[0])
-    img = cv2.resize(img, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
-    canvas = np.zeros((480, 640, 3), np.uint8)
-    canvas[: img.shape[0], : img.shape[1]] = img
+    canvas = letterbox(img, 640, 480)
     rng = np.random.default_rng(seed)
     writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 25, (640, 480))
     for _ in range(frames):
