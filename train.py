@@ -15,6 +15,7 @@ import json
 import math
 import os
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -554,8 +555,56 @@ class Run:
     backup: Path = None
 
 
+def cpu_copy(obj):
+    """A copy of a nested state dict (dicts, lists, tuples) whose tensors are on the CPU and no longer change
+    as training goes on."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: cpu_copy(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [cpu_copy(v) for v in obj]
+    if isinstance(obj, tuple):
+        items = [cpu_copy(v) for v in obj]
+        return type(obj)(*items) if hasattr(obj, "_fields") else tuple(items)
+    return obj
+
+
+class BackgroundWriter:
+    """Writes one epoch's files on a thread while the next epoch trains (on a GPU an epoch takes seconds, as
+    long as writing two checkpoints). submit() first waits for the write before it; wait() before the run
+    ends or reads its files. A write's error is raised by the next submit() or wait()."""
+
+    def __init__(self):
+        self._thread, self._error = None, None
+
+    def _run(self, write):
+        try:
+            write()
+        except BaseException as e:  # handed to the main thread by wait()
+            self._error = e
+
+    def submit(self, write):
+        self.wait()
+        # Not a daemon: a run stopped mid-write (Ctrl-C) still finishes the write before Python exits.
+        self._thread = threading.Thread(target=self._run, args=(write,), name="write-epoch")
+        self._thread.start()
+
+    def wait(self):
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+
 def save_epoch(run, epoch, history, best, is_best, first_save):
-    """This epoch's files: the model when it is the best so far, the *.last.pt checkpoint, the metrics JSON."""
+    """This epoch's files: the model when it is the best so far, the *.last.pt checkpoint, the metrics JSON.
+
+    Returns a function that writes them from copies taken now (cpu_copy), so it may run on a thread
+    (BackgroundWriter) while training changes the weights.
+    """
     args, model, ema, classes = run.args, run.model, run.ema, run.classes
     wall = time.time() - run.started  # one figure for the checkpoint and the metrics JSON
     paths = output_paths(args.out, args.plots)
@@ -572,49 +621,50 @@ def save_epoch(run, epoch, history, best, is_best, first_save):
         "train_args": train_args,
         "recipe": RECIPE,
     }
+    best_model = None
     if is_best:
-        # The first save of a run started with --replace keeps the model it replaces (run.backup).
-        atomic_save(
-            {**ckpt, "state_dict": ema.module.state_dict(), "metrics": best["metrics"]},
-            args.out,
-            backup=run.backup if first_save else None,
-        )
+        best_model = {**ckpt, "state_dict": cpu_copy(ema.module.state_dict()), "metrics": cpu_copy(best["metrics"])}
     last = {
         **ckpt,
-        "state_dict": model.state_dict(),
-        "ema": ema.state_dict(),
-        "optimizer": run.optimizer.state_dict(),
-        "scheduler": run.scheduler.state_dict(),
-        "history": history,
-        "best": best,
+        "state_dict": cpu_copy(model.state_dict()),
+        "ema": cpu_copy(ema.state_dict()),
+        "optimizer": cpu_copy(run.optimizer.state_dict()),
+        "scheduler": cpu_copy(run.scheduler.state_dict()),
+        "history": cpu_copy(history),
+        "best": cpu_copy(best),
         "wall_seconds": wall,
     }
     if run.scaler is not None:
-        last["scaler"] = run.scaler.state_dict()
-    atomic_save(last, paths["last"])
-    write_json_atomic(
-        {
-            "model": str(args.out.name),
-            "arch": DEFAULT_ARCH,
-            "arch_args": DEFAULT_ARCH_ARGS,
-            "parameters": run.n_params,
-            "class_names": list(classes),
-            "best_epoch": best["epoch"],
-            "epochs_run": epoch + 1,
-            "validation": best["metrics"],
-            "train_wall_seconds": wall,
-            "epoch_seconds": [h["seconds"] for h in history],
-            "history": history,
-            "train_args": train_args,
-            "recipe": RECIPE,
-            "device": str(run.device),
-            "bf16": run.uses_bf16,
-            "threads": torch.get_num_threads(),
-            "processes": run.procs.world,
-            "skipped_images": [project_relative(p) for p, _ in run.skipped],
-        },
-        paths["metrics"],
-    )
+        last["scaler"] = cpu_copy(run.scaler.state_dict())
+    metrics_json = {
+        "model": str(args.out.name),
+        "arch": DEFAULT_ARCH,
+        "arch_args": DEFAULT_ARCH_ARGS,
+        "parameters": run.n_params,
+        "class_names": list(classes),
+        "best_epoch": best["epoch"],
+        "epochs_run": epoch + 1,
+        "validation": last["best"]["metrics"],
+        "train_wall_seconds": wall,
+        "epoch_seconds": [h["seconds"] for h in last["history"]],
+        "history": last["history"],
+        "train_args": train_args,
+        "recipe": RECIPE,
+        "device": str(run.device),
+        "bf16": run.uses_bf16,
+        "threads": torch.get_num_threads(),
+        "processes": run.procs.world,
+        "skipped_images": [project_relative(p) for p, _ in run.skipped],
+    }
+    backup = run.backup if first_save else None  # the first save of a --replace run keeps the model it replaces
+
+    def write():
+        if best_model is not None:
+            atomic_save(best_model, args.out, backup=backup)
+        atomic_save(last, paths["last"])
+        write_json_atomic(metrics_json, paths["metrics"])
+
+    return write
 
 
 def display_path(path):
@@ -844,6 +894,7 @@ def train(args, device, procs, resumed=None, backup=None):
     start_epoch, history, best = restore(run, resumed, log) if resumed is not None else (0, [], None)
     paths = output_paths(args.out, args.plots)
     saved_model, epochs_saved = False, 0
+    writer = BackgroundWriter()
     # uint8 on the training device: tens of MB for FER2013, so a GPU augments and trains without a loader.
     faces, labels = torch.from_numpy(data.faces).to(device), torch.from_numpy(data.labels).to(device)
     try:
@@ -861,12 +912,22 @@ def train(args, device, procs, resumed=None, backup=None):
             if is_best:
                 best = {"epoch": epoch + 1, "accuracy": metrics["accuracy"], "metrics": metrics}
             if procs.main:
-                save_epoch(run, epoch, history, best, is_best, first_save=not saved_model)
+                writer.submit(save_epoch(run, epoch, history, best, is_best, first_save=not saved_model))
                 saved_model, epochs_saved = saved_model or is_best, epochs_saved + 1
-            # Every process waits for rank 0's files, so a fault in any process leaves this epoch saved.
-            procs.barrier()
+            if procs.world > 1:
+                # Under torchrun every process waits for rank 0's files, so a fault in any process leaves this
+                # epoch saved (a fault elsewhere ends rank 0 too, maybe mid-write).
+                writer.wait()
+                procs.barrier()
+        writer.wait()
     except BaseException as e:
-        # An interrupted or failed run still leaves its plots, but the first error is the one reported.
+        # An interrupted or failed run still finishes writing its last epoch and leaves its plots, but the first
+        # error is the one reported.
+        try:
+            writer.wait()
+        except BaseException as err:
+            print(f"warning: the last epoch's files were not written: {type(err).__name__}: {err}", file=sys.stderr)
+            epochs_saved = max(0, epochs_saved - 1)
         if procs.main and best is not None:
             try:
                 write_plots(best, history, data.classes, paths)

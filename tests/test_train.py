@@ -4,6 +4,7 @@ import json
 import shutil
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -169,6 +170,37 @@ def test_plot_failure_does_not_hide_the_first_error(train, dataset, tmp_path, mo
     monkeypatch.setattr(train, "train_one_epoch", real)
     with pytest.raises(RuntimeError, match="plotting broke"):
         train.main(tiny_args(train, dataset / "Train data", tmp_path / "n.pt"))
+
+
+def test_epoch_files_are_written_beside_training_from_a_snapshot(train, tmp_path):
+    w = torch.zeros(3)
+    snap = train.cpu_copy({"w": w, "history": [{"a": w}], "pair": (w, 1)})
+    w += 1  # training goes on while the files are written
+    assert snap["w"].sum() == snap["history"][0]["a"].sum() == snap["pair"][0].sum() == 0 and snap["pair"][1] == 1
+    writer = train.BackgroundWriter()
+    gate = threading.Event()
+    writer.submit(lambda: (gate.wait(10), common.atomic_save(snap, tmp_path / "s.pt")))
+    assert not (tmp_path / "s.pt").exists()  # submit() returned before the write
+    gate.set()
+    writer.wait()
+    assert torch.load(tmp_path / "s.pt", weights_only=True)["w"].sum() == 0
+
+    def disk_full():
+        raise OSError("No space left on device")
+
+    writer.submit(disk_full)
+    with pytest.raises(OSError, match="No space"):
+        writer.wait()
+    writer.wait()  # raised once
+
+
+def test_a_failed_checkpoint_write_stops_training_with_its_error(train, dataset, tmp_path, monkeypatch):
+    def disk_full(obj, path, backup=None):
+        raise OSError(f"No space left on device: {path}")
+
+    monkeypatch.setattr(train, "atomic_save", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        train.main(tiny_args(train, dataset / "Train data", tmp_path / "m.pt"))
 
 
 def test_an_existing_model_is_replaced_only_with_replace(train, dataset, tmp_path):
