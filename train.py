@@ -87,6 +87,7 @@ LABEL_SMOOTHING = 0.1  # FER2013's labels are noisy (people agree with them abou
 EMA_DECAY = 0.999  # validated and shipped: an exponential average of the weights (ema_with_warmup)
 CLASS_WEIGHT_POWER = 0.5  # loss weight (1 / class frequency) ** 0.5: lifts disgust without wrecking the rest
 MIXUP_ALPHA = 0.0  # mixup off: it did not help this net
+PHOTO_AUG = False  # photo_look() and a wider scale jitter (the PHOTO_* constants below)
 SEED = 0
 # The schedule a run is started with; --resume takes it from the checkpoint (a changed schedule cannot resume).
 SCHEDULE_DEFAULTS = {
@@ -94,9 +95,12 @@ SCHEDULE_DEFAULTS = {
     "batch_size": BATCH_SIZE,
     "lr": PEAK_LR,
     "mixup": MIXUP_ALPHA,
+    "photo_aug": PHOTO_AUG,
     "seed": SEED,
     "max_batches": 0,
 }
+# What a checkpoint that does not record a schedule flag was trained with (it predates the flag).
+SCHEDULE_UNRECORDED = {"photo_aug": False}
 RECIPE = {
     "momentum": MOMENTUM,
     "warmup_share": WARMUP_SHARE,
@@ -739,8 +743,10 @@ def parse_args(argv=None):
     )
     p.add_argument(
         "--photo-aug",
-        action="store_true",
-        help="train for photos too: lighting, exposure, resolution, noise and framing changes (default: off)",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="train for photos too: lighting, exposure, resolution, noise and framing changes "
+        f"(default: {'on' if d['photo_aug'] else 'off'})",
     )
     p.add_argument("--seed", type=int, default=None, help=f"random seed (default: {d['seed']})")
     p.add_argument(
@@ -803,11 +809,15 @@ def resume_schedule(args):
     recorded = ck.get("train_args", {})
     clashes = []
     for k, default in SCHEDULE_DEFAULTS.items():
-        was = recorded.get(k, default)
+        was = recorded.get(k, SCHEDULE_UNRECORDED.get(k, default))
         if getattr(args, k) is None:
             setattr(args, k, was)
         elif getattr(args, k) != was:
-            clashes.append(f"--{k.replace('_', '-')} {was} (not {getattr(args, k)})")
+            flag = k.replace("_", "-")
+            if isinstance(was, bool):
+                clashes.append(f"{'--' if was else '--no-'}{flag} (not {'--' if not was else '--no-'}{flag})")
+            else:
+                clashes.append(f"--{flag} {was} (not {getattr(args, k)})")
     if clashes:
         raise UserError(
             f"--resume {args.resume}: that run was started with {', '.join(clashes)}; resume without "

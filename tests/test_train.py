@@ -9,7 +9,7 @@ import threading
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, synthetic_faces, write_csv
+from conftest import ROOT, synthetic_faces, tiny_checkpoint, write_csv
 
 import common
 import network
@@ -257,6 +257,19 @@ def test_resume_takes_the_checkpoint_schedule_or_refuses_up_front(train, dataset
         tiny_args(train, data, None, "--resume", last, schedule=False)
     )  # no schedule flags: the checkpoint's
     assert res["model"] == out and torch.load(last, weights_only=True)["epoch"] == 2
+
+
+def test_resume_keeps_the_photo_aug_the_run_was_started_with(train, tmp_path):
+    """--photo-aug is part of the schedule: resuming neither drops it nor adds it (old checkpoints lack it: off)."""
+    for recorded, expected in (({"photo_aug": True}, True), ({"photo_aug": False}, False), ({}, False)):
+        path = tmp_path / f"{len(recorded)}{expected}.last.pt"
+        common.atomic_save(tiny_checkpoint(optimizer={}, train_args={"epochs": 2, **recorded})[1], path)
+        args = train.parse_args(["--resume", str(path)])
+        train.resume_schedule(args)
+        assert args.photo_aug is expected and args.epochs == 2
+    with pytest.raises(UserError, match=r"started with --photo-aug \(not --no-photo-aug\)"):
+        train.resume_schedule(train.parse_args(["--resume", str(tmp_path / "1True.last.pt"), "--no-photo-aug"]))
+    assert train.parse_args([]).photo_aug is train.PHOTO_AUG and train.parse_args(["--photo-aug"]).photo_aug is True
 
 
 def test_interrupt_before_the_first_epoch_writes_nothing(train, dataset, tmp_path, monkeypatch, capsys):
