@@ -625,9 +625,6 @@ def save_epoch(run, epoch, history, best, is_best, first_save):
         "train_args": train_args,
         "recipe": RECIPE,
     }
-    best_model = None
-    if is_best:
-        best_model = {**ckpt, "state_dict": cpu_copy(ema.module.state_dict()), "metrics": cpu_copy(best["metrics"])}
     last = {
         **ckpt,
         "state_dict": cpu_copy(model.state_dict()),
@@ -640,6 +637,9 @@ def save_epoch(run, epoch, history, best, is_best, first_save):
     }
     if run.scaler is not None:
         last["scaler"] = cpu_copy(run.scaler.state_dict())
+    best_model = None
+    if is_best:
+        best_model = {**ckpt, "state_dict": cpu_copy(ema.module.state_dict()), "metrics": last["best"]["metrics"]}
     metrics_json = {
         "model": str(args.out.name),
         "arch": DEFAULT_ARCH,
@@ -815,7 +815,8 @@ def resume_schedule(args):
         elif getattr(args, k) != was:
             flag = k.replace("_", "-")
             if isinstance(was, bool):
-                clashes.append(f"{'--' if was else '--no-'}{flag} (not {'--' if not was else '--no-'}{flag})")
+                on, off = f"--{flag}", f"--no-{flag}"
+                clashes.append(f"{on if was else off} (not {off if was else on})")
             else:
                 clashes.append(f"--{flag} {was} (not {getattr(args, k)})")
     if clashes:
