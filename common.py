@@ -377,11 +377,14 @@ def atomic_save(obj, path, backup=None):
             os.remove(tmp)
 
 
-def load_checkpoint(path):
-    """A checkpoint dict read with weights_only=True; one clear error for each way it can be wrong."""
+def load_checkpoint(path, missing_hint="train one with train.py or pass --model"):
+    """A checkpoint dict read with weights_only=True; one clear error for each way it can be wrong.
+
+    `missing_hint` says what to do when there is no such file (the flag that named it differs by script).
+    """
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"model file {path} not found: train one with train.py or pass --model")
+        raise UserError(f"model file {path} not found: {missing_hint}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for a damaged file

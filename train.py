@@ -801,7 +801,7 @@ def resume_schedule(args):
     OneCycleLR's schedule is fixed by epochs, batches and rate when a run starts: another --epochs or
     --max-batches cannot continue it (PyTorch fails mid-epoch), so the clash is named before any work.
     """
-    ck = load_checkpoint(args.resume)
+    ck = load_checkpoint(args.resume, missing_hint="pass the *.last.pt file an earlier train.py run wrote")
     if "optimizer" not in ck:
         raise UserError(
             f"--resume {args.resume} has no optimiser state: pass the *.last.pt file written beside the model"

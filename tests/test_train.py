@@ -259,6 +259,11 @@ def test_resume_takes_the_checkpoint_schedule_or_refuses_up_front(train, dataset
     assert res["model"] == out and torch.load(last, weights_only=True)["epoch"] == 2
 
 
+def test_resume_of_a_missing_checkpoint_says_what_to_pass(train, tmp_path):
+    with pytest.raises(UserError, match=r"nope.last.pt not found: pass the \*.last.pt file an earlier train.py run"):
+        train.resume_schedule(train.parse_args(["--resume", str(tmp_path / "nope.last.pt")]))
+
+
 def test_resume_keeps_the_photo_aug_the_run_was_started_with(train, tmp_path):
     """--photo-aug is part of the schedule: resuming neither drops it nor adds it (old checkpoints lack it: off)."""
     for recorded, expected in (({"photo_aug": True}, True), ({"photo_aug": False}, False), ({}, False)):
