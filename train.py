@@ -62,6 +62,7 @@ from network import (
     fuse_for_inference,
     predict_both,
     to_input,
+    write_int8,
 )
 
 MODEL_NAME = "Facial_Emotion_Recognizer.pt"
@@ -695,6 +696,24 @@ def write_plots(best, history, classes, paths):
     plot_curves(history, paths["curves"])
 
 
+def write_int8_copy(out, faces, log):
+    """The finished model's int8 copy for test.py, calibrated on the training faces (network.write_int8).
+
+    A run whose copy cannot be written still succeeds: test.py then classifies with PyTorch.
+    """
+    try:
+        path = write_int8(out, faces)
+    except Exception as e:  # onnx missing, a full disk, an exporter's error: the model itself is saved
+        print(
+            f"warning: the int8 copy of {out} was not written ({type(e).__name__}: {str(e)[:200]}); test.py will "
+            f"classify with PyTorch; retry: python tools/export_int8.py --model {out}",
+            file=sys.stderr,
+        )
+        return None
+    log(f"int8 copy for test.py: {path}")
+    return path
+
+
 # ---------------------------------------------------------------------------------------------
 
 
@@ -949,6 +968,7 @@ def train(args, device, procs, resumed=None, backup=None):
         raise
     if procs.main and best is not None:  # plots once, at the end, not every epoch
         write_plots(best, history, data.classes, paths)
+        write_int8_copy(args.out, data.faces, log)
     procs.barrier()  # no process leaves before rank 0 has written the files
     log(
         f"best validation accuracy {best['accuracy']:.4f} at epoch {best['epoch']}; model: {args.out}; "

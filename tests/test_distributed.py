@@ -71,6 +71,7 @@ def test_two_processes_write_one_checkpoint_that_a_single_process_confirms(data,
     assert written == [
         "ddp.confusion_counts.png",
         "ddp.confusion_normalized.png",
+        "ddp.int8.onnx",
         "ddp.last.pt",
         "ddp.metrics.json",
         "ddp.pt",

@@ -1,0 +1,76 @@
+"""Write the int8 copy of a model that test.py runs photos and video with, and compare its answers.
+
+    python tools/export_int8.py                                        # models/Facial_Emotion_Recognizer.pt
+    python tools/export_int8.py --model runs/X/Facial_Emotion_Recognizer.pt --data "face_datasets/Train data"
+    python tools/export_int8.py --check ../shared/data/fer2013/val.csv.gz
+
+train.py writes the copy itself at the end of a run; this is for a model that has none, or whose copy
+is stale (test.py says so). Calibrates on the training faces preparation.py wrote, as train.py does.
+With --check, scores every face of a CSV with PyTorch and with the int8 copy, as test.py scores them.
+"""
+
+import argparse
+import importlib.util
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from common import EMOTIONS, load_checkpoint, read_csv, run_main  # noqa: E402
+from network import NORM_MEAN, NORM_STD, load_int8, model_from_checkpoint, predict_proba, write_int8  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Write a model's int8 ONNX copy (for test.py) and compare its answers.")
+    p.add_argument(
+        "--model",
+        type=Path,
+        default=ROOT / "models" / "Facial_Emotion_Recognizer.pt",
+        help="model file (default: the shipped model)",
+    )
+    p.add_argument(
+        "--data",
+        type=Path,
+        default=ROOT / "face_datasets" / "Train data",
+        help="training faces for calibration, one folder per emotion (default: face_datasets/Train data)",
+    )
+    p.add_argument(
+        "--check", type=Path, default=None, metavar="CSV", help="also compare answers on a FER2013 CSV (default: none)"
+    )
+    return p.parse_args(argv)
+
+
+def main(args):
+    spec = importlib.util.spec_from_file_location("fer_train", ROOT / "train.py")
+    train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train)
+    ckpt = load_checkpoint(args.model, missing_hint="pass --model")
+    faces, _, _, _ = train.load_image_folder(args.data, progress=False)
+    t = time.perf_counter()
+    out = write_int8(args.model, faces)
+    print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, {time.perf_counter() - t:.1f} s)")
+    if args.check is None:
+        return out
+    int8, why = load_int8(args.model, ckpt["class_names"], threads=torch.get_num_threads())
+    if int8 is None:
+        raise SystemExit(f"error: {why}")
+    mean, std = ckpt.get("mean", NORM_MEAN), ckpt.get("std", NORM_STD)
+    faces, ids, _, _ = read_csv(args.check, progress=False)
+    labels = np.array([list(ckpt["class_names"]).index(EMOTIONS[i]) for i in ids])
+    ref = predict_proba(model_from_checkpoint(ckpt, torch.device("cpu")), faces, torch.device("cpu"), mean, std)
+    ref = ref.numpy()
+    p = int8.predict_proba(faces)
+    print(
+        f"{args.check.name}, {len(labels)} faces: PyTorch {(ref.argmax(1) == labels).mean():.2%}, "
+        f"int8 {(p.argmax(1) == labels).mean():.2%}; same answer {(p.argmax(1) == ref.argmax(1)).mean():.2%}, "
+        f"largest probability difference {np.abs(p - ref).max():.3f}"
+    )
+    return out
+
+
+if __name__ == "__main__":
+    run_main(main, parse_args())
