@@ -163,18 +163,27 @@ def markdown_table(r):
             f"{r['matmul_flops_fp32'] / 1e12:.2f})",
         ),
         (
-            "inference, one face at a time, as `test.py` (1 thread)",
-            f"{r['infer_one_face_s']:,.0f} faces/s ({r['threads']} threads: {r['infer_one_face_all_cores_s']:,.0f})",
+            f"inference, one face at a time, as `test.py` ({r['engine']} copy, {r['int8_threads']} threads)",
+            f"{r['infer_one_face_s']:,.0f} faces/s (1 thread: {r['infer_one_face_int8_1_thread_s']:,.0f}); "
+            f"PyTorch, test.py's path before, {r['infer_one_face_pytorch_s']:,.0f} on 1 thread "
+            f"({r['threads']}: {r['infer_one_face_pytorch_all_cores_s']:,.0f}): "
+            f"{r['infer_one_face_s'] / r['infer_one_face_pytorch_s']:.1f}x",
         ),
         (
             "the same with another program busy on one core",
-            f"{r['busy_one_face_s']:,.0f} faces/s ({r['threads']} threads: {r['busy_one_face_all_cores_s']:,.0f})",
+            f"{r['busy_one_face_s']:,.0f} faces/s (1 thread: {r['busy_one_face_int8_1_thread_s']:,.0f}); "
+            f"PyTorch {r['busy_one_face_pytorch_s']:,.0f} on 1 thread "
+            f"({r['threads']}: {r['busy_one_face_pytorch_all_cores_s']:,.0f})",
         ),
         (
-            "inference, batched, as `test.py` (each face and its mirror image)",
+            "inference, batched, as `test.py --eval` (PyTorch, each face and its mirror image)",
             f"{r['infer_batched_faces_s']:,.0f} faces/s",
         ),
-        ("inference, batched, one pass per face", f"{r['infer_batched_no_tta_faces_s']:,.0f} faces/s"),
+        ("inference, batched, one pass per face (PyTorch)", f"{r['infer_batched_no_tta_faces_s']:,.0f} faces/s"),
+        (
+            f"inference, batched, {r['engine']} copy ({r['int8_threads']} threads, each face and its mirror image)",
+            f"{r['infer_batched_int8_faces_s']:,.0f} faces/s",
+        ),
         (
             "test.py on the sample photo",
             f"detection {r['photo_detect_ms']:.0f} ms, classification {r['photo_classify_ms']:.1f} ms",
@@ -216,38 +225,61 @@ def main(args):
     model = model_from_checkpoint(ckpt, device)
     faces = np.random.default_rng(0).integers(0, 256, (1024, 48, 48), dtype=np.uint8)
     one = faces[:1]
-    rec = testpy.Recognizer(args.model, device)
     cores = torch.get_num_threads()
 
     def with_threads(n, fn):
-        """Seconds of `fn` with PyTorch on `n` threads (test.py's photos and video use INFERENCE_THREADS)."""
+        """`fn()` with PyTorch on `n` threads (test.py's photos and video use INFERENCE_THREADS); an int8
+        copy loaded inside takes as many."""
         torch.set_num_threads(n)
         try:
             return fn()
         finally:
             torch.set_num_threads(cores)
 
-    def one_face(runs):
-        """(test.py's threads, all cores) seconds for one face, timed alternately so both see the same machine."""
-        times = ([], [])
-        for _ in range(runs):
-            for n, t in zip((testpy.INFERENCE_THREADS, cores), times):
-                t.append(with_threads(n, lambda: median_time(lambda: rec.classify(one), 10, warmup=1)))
-        return statistics.median(times[0]), statistics.median(times[1])
+    # As test.py classifies photos and video: the int8 copy where it is fresh (else PyTorch on one thread); beside
+    # it the copy on one thread, and PyTorch itself, test.py's path before the copy, on one thread and on all.
+    rec = with_threads(testpy.INFERENCE_THREADS, lambda: testpy.Recognizer(args.model, device))
+    rec_1 = testpy.Recognizer(args.model, device, threads=1)
+    rec_pt = testpy.Recognizer(args.model, device, engine="pytorch")
+    results["engine"] = "int8" if rec.int8 is not None else "pytorch"
+    results["int8_threads"] = rec.int8.threads if rec.int8 is not None else 0
+    # PyTorch on all cores goes first: its OpenMP threads keep spinning a while after a call, which slowed the
+    # int8 copy's second thread when it came next.
+    one_face_paths = (
+        (rec_pt, cores),
+        (rec_pt, testpy.INFERENCE_THREADS),
+        (rec_1, testpy.INFERENCE_THREADS),
+        (rec, testpy.INFERENCE_THREADS),
+    )
 
-    s1, s1_all = one_face(args.runs * 2)
+    def one_face(runs):
+        """Seconds for one face on each of one_face_paths, timed alternately so all see the same machine."""
+        times = [[] for _ in one_face_paths]
+        for _ in range(runs):
+            for (r, n), t in zip(one_face_paths, times):
+                t.append(with_threads(n, lambda r=r: median_time(lambda: r.classify(one), 20, warmup=2)))
+        pt_all, pt, int8_1, path = (statistics.median(t) for t in times)
+        return path, int8_1, pt, pt_all
+
+    s1, s1_one, s1_pt, s1_pt_all = one_face(args.runs * 2)
     sb = median_time(lambda: predict_proba(model, faces, device), args.runs)
     sn = median_time(lambda: predict_proba(model, faces, device, tta=False), args.runs)
+    si = median_time(lambda: rec.classify(faces), args.runs)
     results.update(
         infer_one_face_s=1 / s1,
-        infer_one_face_all_cores_s=1 / s1_all,
+        infer_one_face_int8_1_thread_s=1 / s1_one,
+        infer_one_face_pytorch_s=1 / s1_pt,
+        infer_one_face_pytorch_all_cores_s=1 / s1_pt_all,
         infer_batched_faces_s=len(faces) / sb,
         infer_batched_no_tta_faces_s=len(faces) / sn,
+        infer_batched_int8_faces_s=len(faces) / si,
     )
     print(
-        f"inference, one face at a time: {1 / s1:8.0f} faces/s ({testpy.INFERENCE_THREADS} thread, as test.py; "
-        f"{cores} threads {1 / s1_all:.0f})   batched: {len(faces) / sb:8.0f} faces/s (both with the mirror image, "
-        f"as test.py)   batched without it: {len(faces) / sn:8.0f} faces/s"
+        f"inference, one face at a time, as test.py ({results['engine']}): {1 / s1:8.0f} faces/s "
+        f"(int8 on 1 thread {1 / s1_one:.0f}); PyTorch {1 / s1_pt:.0f} on {testpy.INFERENCE_THREADS} thread, "
+        f"{1 / s1_pt_all:.0f} on {cores}: {s1_pt / s1:.1f}x\n"
+        f"batched, PyTorch as test.py --eval: {len(faces) / sb:8.0f} faces/s (with the mirror image), "
+        f"without it {len(faces) / sn:8.0f}; {results['engine']} with the mirror image {len(faces) / si:8.0f}"
     )
 
     bgr = testpy.read_image(args.photo)
@@ -255,14 +287,16 @@ def main(args):
     sd = median_time(lambda: rec.boxes(bgr), args.runs)
     gray = testpy.to_gray(bgr)
     crops = np.stack([rec.crop(gray, b) for b in boxes]) if boxes else faces[:1]
-    sc = median_time(lambda: predict_proba(model, crops, device), args.runs)
+    sc = with_threads(testpy.INFERENCE_THREADS, lambda: median_time(lambda: rec.classify(crops), args.runs))
     results.update(photo_detect_ms=sd * 1e3, photo_classify_ms=sc * 1e3, photo_faces=len(boxes))
     print(
         f"test.py on {args.photo.name} ({bgr.shape[1]}x{bgr.shape[0]}, {len(boxes)} faces, {rec.detector_name}): "
         f"detection {sd * 1e3:.1f} ms, classification {sc * 1e3:.1f} ms"
     )
 
-    video = testpy.Recognizer(args.model, device, detect_size=VIDEO_DETECT_SIZE)  # as test.py --video and --camera
+    video = with_threads(  # as test.py --video and --camera
+        testpy.INFERENCE_THREADS, lambda: testpy.Recognizer(args.model, device, detect_size=VIDEO_DETECT_SIZE)
+    )
     frame = letterbox(bgr, 640, 480)  # the photo as a 640x480 video frame
     tracker = testpy.FaceTracker(video.classes)
 
@@ -278,12 +312,18 @@ def main(args):
     )
 
     with busy_core():  # another program holds one of the cores, as on a user's busy machine
-        b1, b1_all = one_face(args.runs * 2)
+        b1, b1_one, b1_pt, b1_pt_all = one_face(args.runs * 2)
         bv = video_frame(args.runs * 4)
-    results.update(busy_one_face_s=1 / b1, busy_one_face_all_cores_s=1 / b1_all, busy_video_640x480_fps=1 / bv)
+    results.update(
+        busy_one_face_s=1 / b1,
+        busy_one_face_int8_1_thread_s=1 / b1_one,
+        busy_one_face_pytorch_s=1 / b1_pt,
+        busy_one_face_pytorch_all_cores_s=1 / b1_pt_all,
+        busy_video_640x480_fps=1 / bv,
+    )
     print(
-        f"with one core busy: one face {1 / b1:.0f} faces/s ({cores} threads {1 / b1_all:.0f}), "
-        f"video {1 / bv:.1f} frames/s"
+        f"with one core busy: one face {1 / b1:.0f} faces/s (int8 on 1 thread {1 / b1_one:.0f}; PyTorch "
+        f"{1 / b1_pt:.0f}, on {cores} threads {1 / b1_pt_all:.0f}), video {1 / bv:.1f} frames/s"
     )
 
     rows = csv_rows_per_second(args.csv_rows, args.runs)

@@ -14,13 +14,18 @@ def test_benchmark_writes_its_figures(tmp_path):
         "train_img_s_fp32",
         "train_img_s_bf16",
         "infer_one_face_s",
-        "infer_one_face_all_cores_s",
+        "infer_one_face_int8_1_thread_s",
+        "infer_one_face_pytorch_s",
+        "infer_one_face_pytorch_all_cores_s",
         "busy_one_face_s",
-        "busy_one_face_all_cores_s",
+        "busy_one_face_int8_1_thread_s",
+        "busy_one_face_pytorch_s",
+        "busy_one_face_pytorch_all_cores_s",
         "busy_video_640x480_fps",
         "csv_rows_s",
         "infer_batched_faces_s",
         "infer_batched_no_tta_faces_s",
+        "infer_batched_int8_faces_s",
         "photo_detect_ms",
         "photo_classify_ms",
         "video_640x480_fps",
@@ -30,6 +35,7 @@ def test_benchmark_writes_its_figures(tmp_path):
     ):
         assert saved[key] == results[key] and saved[key] > 0, key
     assert saved["photo_faces"] >= 1  # the sample photo has a face
+    assert saved["engine"] == "int8"  # the shipped model's copy is what test.py runs
 
 
 def test_results_speed_table_is_the_saved_benchmark():
