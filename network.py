@@ -222,7 +222,7 @@ def model_from_checkpoint(ckpt, device, path="model"):
 
 
 # ---------------------------------------------------------------------------------------------
-# The int8 copy: one face at a time ~4x faster on a CPU (RESULTS.md, "Speed")
+# The int8 copy: one face at a time ~6x faster on a CPU (RESULTS.md, "Speed")
 
 # Beside a model file `X.pt`, `X.int8.onnx` is the same model quantised to int8 for ONNX Runtime. The
 # `.pt` stays the one source of truth: the copy records the sha256 of the file it was made from and is

@@ -68,7 +68,7 @@ LABEL_HEIGHT_PER_SCALE = 44  # label height in px per unit of Hershey font scale
 # batches use every core.
 INFERENCE_THREADS = 1
 # Photos, video and camera classify with the model's int8 copy where it was made from the model file loaded:
-# one face ~4x faster on a CPU, the same answer for 99% of FER2013's val faces (RESULTS.md, "Speed").
+# one face ~6x faster on a CPU, the same answer for 99% of FER2013's val faces (RESULTS.md, "Speed").
 # --eval keeps PyTorch, so the scores it reports are the model's own.
 ENGINES = ("auto", "int8", "pytorch")
 # The int8 copy runs on two threads that sleep when idle (network.Int8Model): 1.4x one thread's faces/s on an
@@ -783,7 +783,7 @@ def parse_args(argv=None):
         "--engine",
         choices=ENGINES,
         default="auto",
-        help="int8: classify with the model's int8 copy (<model>.int8.onnx, written by train.py; ~4x faster a face, "
+        help="int8: classify with the model's int8 copy (<model>.int8.onnx, written by train.py; ~6x faster a face, "
         "the same answer for 99%% of faces); pytorch: with the .pt itself; auto: int8 for photos, --video and --camera "
         "on a CPU where the copy was made from this model file, else pytorch, and pytorch for --eval (default: auto)",
     )

@@ -112,6 +112,19 @@ def test_tiny_run_writes_everything(train, dataset, tmp_path):
     assert metrics["train_wall_seconds"] >= sum(metrics["epoch_seconds"])
     for key in ("cm_counts", "cm_rates", "curves", "last"):
         assert res["paths"][key].stat().st_size > 0
+    assert network.load_int8(out, ckpt["class_names"])[0] is not None  # test.py's int8 copy, made from this file
+
+
+def test_a_run_whose_int8_copy_fails_still_succeeds(train, dataset, tmp_path, monkeypatch, capsys):
+    def no_onnx(*args, **kwargs):
+        raise ModuleNotFoundError("No module named 'onnx'")
+
+    monkeypatch.setattr(train, "write_int8", no_onnx)
+    out = tmp_path / "m.pt"
+    res = train.main(tiny_args(train, dataset / "Train data", out))
+    assert res["best"] is not None and out.exists() and not network.int8_path(out).exists()
+    err = capsys.readouterr().err
+    assert "the int8 copy of" in err and "test.py will classify with PyTorch" in err and "export_int8.py" in err
 
 
 def test_holdout_when_no_validation_folder(train, dataset, tmp_path):
