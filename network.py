@@ -261,6 +261,7 @@ class MirrorAveraged(nn.Module):
         self.model, self.mean, self.std, self.shift = model, float(mean), float(std), shift
 
     def forward(self, faces):
+        # to_input's arithmetic, written out: its torch.as_tensor would be traced as a constant (a TracerWarning).
         x = subpixel_shift(((faces.float() / 255.0 - self.mean) / self.std).unsqueeze(1), self.shift)
         p = self.model(torch.cat([x, torch.flip(x, dims=[3])])).softmax(1)
         return p.reshape(2, -1, p.shape[1]).mean(0)
@@ -298,10 +299,10 @@ def write_int8(model_path, faces, out=None, n_calibration=CALIBRATION_FACES):
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".int8-") as tmp:
         fp32, int8, final = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx", Path(tmp) / "final.onnx"
         with warnings.catch_warnings():
-            warnings.simplefilter(
-                "ignore", DeprecationWarning
-            )  # the TorchScript exporter; the new one needs onnxscript
-            warnings.simplefilter("ignore", UserWarning)  # the mirror image's Slice cannot be constant-folded
+            # The TorchScript exporter is deprecated (the new one needs onnxscript), and the mirror image's Slice
+            # cannot be constant-folded: neither is the user's concern.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            warnings.simplefilter("ignore", UserWarning)
             torch.onnx.export(
                 graph,
                 torch.from_numpy(faces[pick[:2]]),
