@@ -197,3 +197,23 @@ def test_letterbox_fits_a_photo_into_a_video_frame():
     assert (frame[:320] == 200).all() and (frame[320:] == 0).all()
     tall = detection.letterbox(np.full((960, 100), 7, np.uint8), 640, 480)  # scaled by 0.5: 480 x 50, black right
     assert tall.shape == (480, 640) and (tall[:, :50] == 7).all() and (tall[:, 50:] == 0).all()
+
+
+@pytest.mark.parametrize(
+    "avx512_bf16, amx, expected", [(False, False, False), (True, False, True), (False, True, True)]
+)
+def test_bf16_only_where_the_cpu_runs_it_natively(monkeypatch, avx512_bf16, amx, expected):
+    """oneDNN says yes on any AVX-512 CPU (emulated bfloat16, slower than float32): its answer is not used."""
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    assert network.cpu_has_bf16() is expected
+    if not expected:  # no autocast at all: float32 throughout
+        with network.autocast_for(torch.device("cpu")):
+            assert not torch.is_autocast_enabled("cpu")
+
+
+def test_bf16_off_where_torch_cannot_tell(monkeypatch):
+    for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        monkeypatch.delattr(torch.cpu, name, raising=False)
+    assert network.cpu_has_bf16() is False
