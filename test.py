@@ -413,13 +413,13 @@ def prepare_out_dir(out):
         raise UserError(f"--out {out} cannot be created ({e.strerror}): pass another --out") from None
 
 
-def check_writable(path, flag):
-    """Fail early, before any work, if `flag`'s file cannot be written."""
+def check_writable(path, flag, out=None):
+    """Fail early, before any work, if `flag`'s file cannot be written; inside `out` (--out, made later) it can."""
     if path is None:
         return
     if path.is_dir():
         raise UserError(f"{flag} {path} is a folder: name a file")
-    if not path.parent.is_dir():
+    if not path.parent.is_dir() and not (out is not None and path.parent.absolute() == out.absolute()):
         raise UserError(f"{flag} {path}: folder {path.parent} does not exist; create it or pass another path")
 
 
@@ -825,8 +825,9 @@ def parse_args(argv=None):
 
 
 def main(args):
-    check_writable(args.json, "--json")
-    check_writable(args.csv, "--csv")
+    out = args.out if args.camera is None else None  # --camera writes no --out folder
+    check_writable(args.json, "--json", out)
+    check_writable(args.csv, "--csv", out)
     if args.camera is None:
         prepare_out_dir(args.out)
     device = choose_device(args.device)

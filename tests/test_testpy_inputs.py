@@ -47,6 +47,15 @@ def test_folders_json_and_csv(tiny_model, tmp_path):
     assert len(rows) == 2 and rows[1]["emotion"] == face["emotion"] and set(EMOTIONS) <= set(rows[0])
 
 
+def test_json_and_csv_inside_the_out_folder_it_creates(tiny_model, tmp_path):
+    out = tmp_path / "new" / "out"
+    r = run_cli(SAMPLE, "--model", tiny_model, "--out", out, "--json", out / "f.json", "--csv", out / "f.csv")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((out / "f.json").read_text())[0]["emotion"] in EMOTIONS and (out / "f.csv").is_file()
+    r = run_cli(SAMPLE, "--model", tiny_model, "--out", out, "--json", tmp_path / "elsewhere" / "f.json")
+    assert r.returncode == 1 and "folder" in r.stderr and "does not exist" in r.stderr
+
+
 def Path_name(p):
     return p.replace("\\", "/").rsplit("/", 1)[-1]
 
