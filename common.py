@@ -358,6 +358,12 @@ def plot_confusion(confusion, classes, path, normalize, title):
 # Checkpoints
 
 
+def beside_model(model_path, suffix):
+    """The file that goes with model file `X.pt`: `X` + `suffix` in the same folder (`X.last.pt`, `X.metrics.json`)."""
+    p = Path(model_path)
+    return p.with_name((p.name[:-3] if p.name.endswith(".pt") else p.name) + suffix)
+
+
 def atomic_save(obj, path, backup=None):
     """torch.save to a temp file beside `path`, then rename over it; with `backup` (a path), keep the old file there."""
     path = Path(path)

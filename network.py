@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.fx.experimental.optimization import fuse
 
-from common import UserError, load_checkpoint
+from common import UserError, beside_model, load_checkpoint
 
 # Gray values are scaled to [0, 1], then standardised with these (FER2013's own statistics,
 # rounded); the checkpoint carries them so a model always gets the input it was trained on.
@@ -240,8 +240,7 @@ CALIBRATION_FACES = 512  # spread over the training faces; each with its mirror 
 
 def int8_path(model_path):
     """Where the int8 copy of model file `model_path` lives: `X.pt` -> `X.int8.onnx` beside it."""
-    p = Path(model_path)
-    return p.with_name((p.name[:-3] if p.name.endswith(".pt") else p.name) + INT8_SUFFIX)
+    return beside_model(model_path, INT8_SUFFIX)
 
 
 def file_sha256(path):

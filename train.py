@@ -40,6 +40,7 @@ from common import (
     Interrupted,
     UserError,
     atomic_save,
+    beside_model,
     choose_device,
     held_out_rows,
     load_checkpoint,
@@ -515,7 +516,7 @@ def write_json_atomic(obj, path):
 def output_paths(out, plots_dir):
     """Where the last checkpoint, metrics and plots of model file `out` go."""
     plots = Path(plots_dir) if plots_dir else out.parent
-    stem = out.name[:-3] if out.name.endswith(".pt") else out.name
+    stem = beside_model(out, "").name
     return {
         "last": out.with_name(stem + ".last.pt"),
         "metrics": out.with_name(stem + ".metrics.json"),
@@ -848,9 +849,8 @@ def resume_schedule(args):
 
 def previous_score(path):
     """' (69.7% on val.csv.gz)' from the metrics JSON beside an existing model file, or ''."""
-    metrics = path.with_name((path.name[:-3] if path.name.endswith(".pt") else path.name) + ".metrics.json")
     try:
-        v = json.loads(metrics.read_text())["validation"]
+        v = json.loads(beside_model(path, ".metrics.json").read_text())["validation"]
         return f" ({v['accuracy']:.1%} on {v['validation_set']})"
     except (OSError, ValueError, KeyError, TypeError):
         return ""
@@ -884,7 +884,7 @@ def choose_outputs(args):
             f"--out {args.out} exists{previous_score(args.out)}: pass --replace to overwrite it (the old "
             f"one is kept as a .bak.pt), or leave --out out and the run gets its own folder under runs/"
         )
-    stem = args.out.name[:-3] if args.out.name.endswith(".pt") else args.out.name
+    stem = beside_model(args.out, "").name
     return args.out.with_name(f"{stem}.{stamp}.bak.pt")
 
 

@@ -217,3 +217,14 @@ def test_bf16_off_where_torch_cannot_tell(monkeypatch):
     for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
         monkeypatch.delattr(torch.cpu, name, raising=False)
     assert network.cpu_has_bf16() is False
+
+
+@pytest.mark.parametrize(
+    "model, expected",
+    [("runs/a/Model.pt", "runs/a/Model.last.pt"), ("Model", "Model.last.pt"), ("m.v2.pt", "m.v2.last.pt")],
+)
+def test_files_beside_a_model_share_its_stem(model, expected):
+    from pathlib import Path
+
+    assert common.beside_model(Path(model), ".last.pt") == Path(expected)
+    assert network.int8_path(Path(model)) == Path(expected.replace(".last.pt", ".int8.onnx"))
