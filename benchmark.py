@@ -15,6 +15,7 @@ import argparse
 import contextlib
 import importlib.util
 import json
+import platform
 import statistics
 import subprocess
 import sys
@@ -196,7 +197,20 @@ def markdown_table(r):
         ("the same with another program busy on one core", f"{r['busy_video_640x480_fps']:.0f} frames/s"),
         (f"reading a FER2013 CSV ({r['csv_rows']:,} rows, generated)", f"{r['csv_rows_s']:,.0f} rows/s"),
     ]
+    if "cpu" in r:  # figures from before it was recorded say their machine in RESULTS.md's text
+        rows.insert(0, ("machine", f"{r['cpu']}, {r['threads']} threads, bfloat16 {r['bf16']}"))
     return "\n".join(["| | |", "| --- | --- |"] + [f"| {a} | {b} |" for a, b in rows])
+
+
+def cpu_name():
+    """The CPU's model name (Linux's /proc/cpuinfo, else what platform says), for the figures' record."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
 
 
 def main(args):
@@ -206,10 +220,11 @@ def main(args):
     device = torch.device("cpu")
     train, testpy = load_script("train"), load_script("test")
     ckpt = load_checkpoint(args.model)
-    results = {"threads": torch.get_num_threads(), "bf16_supported": cpu_has_bf16()}
+    results = {"threads": torch.get_num_threads(), "bf16_supported": cpu_has_bf16(), "cpu": cpu_name()}
+    results["bf16"] = "native" if results["bf16_supported"] else "emulated (train.py uses float32)"
     print(
         f"{ckpt['arch']} {ckpt['arch_args']}, {torch.get_num_threads()} threads, "
-        f"bf16 {'native' if results['bf16_supported'] else 'emulated'}; medians of {args.runs} runs"
+        f"bf16 {results['bf16']}; {results['cpu']}; medians of {args.runs} runs"
     )
 
     for bf16 in (False, True):

@@ -36,6 +36,7 @@ def test_benchmark_writes_its_figures(tmp_path):
         assert saved[key] == results[key] and saved[key] > 0, key
     assert saved["photo_faces"] >= 1  # the sample photo has a face
     assert saved["engine"] == "int8"  # the shipped model's copy is what test.py runs
+    assert saved["cpu"] and f"| machine | {saved['cpu']}" in bench.markdown_table(saved)  # figures name their machine
 
 
 def test_results_speed_table_is_the_saved_benchmark():
