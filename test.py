@@ -859,12 +859,16 @@ def main(args):
         records, failed = run_photos(rec, photos, args.out)
         total = len(photos)
         n_faces = sum(r["box"] is not None for r in records)
-        print(f"{total - failed} photos, {n_faces} faces; annotated copies in {args.out}")
+        if failed < total:
+            print(f"{total - failed} photos, {n_faces} faces; annotated copies in {args.out}")
     write_records(records, args.json, args.csv, rec.classes)
     for path in (args.json, args.csv):
         if path:
             print(f"wrote {path}")
     if failed:
+        if failed == total:
+            none = "the photo could not" if total == 1 else f"none of the {total} photos could"
+            raise UserError(f"{none} be read (named above)")
         raise UserError(f"{failed} of {total} photos could not be read (named above); the others were annotated")
     return records
 

@@ -56,6 +56,18 @@ def test_json_and_csv_inside_the_out_folder_it_creates(tiny_model, tmp_path):
     assert r.returncode == 1 and "folder" in r.stderr and "does not exist" in r.stderr
 
 
+@pytest.mark.parametrize("n", [1, 2])
+def test_no_photo_readable_says_so(tiny_model, tmp_path, n):
+    bad = []
+    for i in range(n):
+        bad.append(tmp_path / f"broken{i}.jpg")
+        bad[-1].write_bytes(b"not a jpeg")
+    r = run_cli(*bad, "--model", tiny_model, "--out", tmp_path / "out")
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert ("the photo could not be read" if n == 1 else f"none of the {n} photos could be read") in r.stderr
+    assert "the others were annotated" not in r.stderr and "annotated copies" not in r.stdout
+
+
 def Path_name(p):
     return p.replace("\\", "/").rsplit("/", 1)[-1]
 
