@@ -198,8 +198,13 @@ def markdown_table(r):
         (f"reading a FER2013 CSV ({r['csv_rows']:,} rows, generated)", f"{r['csv_rows_s']:,.0f} rows/s"),
     ]
     if "cpu" in r:  # figures from before it was recorded say their machine in RESULTS.md's text
-        rows.insert(0, ("machine", f"{r['cpu']}, {r['threads']} threads, bfloat16 {r['bf16']}"))
+        rows.insert(0, ("machine", f"{r['cpu']}, {r['threads']} threads, bfloat16 {bf16_kind(r['bf16_supported'])}"))
     return "\n".join(["| | |", "| --- | --- |"] + [f"| {a} | {b} |" for a, b in rows])
+
+
+def bf16_kind(native):
+    """How this CPU runs bfloat16, as the figures record it."""
+    return "native" if native else "emulated (train.py uses float32)"
 
 
 def cpu_name():
@@ -221,10 +226,9 @@ def main(args):
     train, testpy = load_script("train"), load_script("test")
     ckpt = load_checkpoint(args.model)
     results = {"threads": torch.get_num_threads(), "bf16_supported": cpu_has_bf16(), "cpu": cpu_name()}
-    results["bf16"] = "native" if results["bf16_supported"] else "emulated (train.py uses float32)"
     print(
         f"{ckpt['arch']} {ckpt['arch_args']}, {torch.get_num_threads()} threads, "
-        f"bf16 {results['bf16']}; {results['cpu']}; medians of {args.runs} runs"
+        f"bf16 {bf16_kind(results['bf16_supported'])}; {results['cpu']}; medians of {args.runs} runs"
     )
 
     for bf16 in (False, True):

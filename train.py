@@ -518,8 +518,8 @@ def output_paths(out, plots_dir):
     plots = Path(plots_dir) if plots_dir else out.parent
     stem = beside_model(out, "").name
     return {
-        "last": out.with_name(stem + ".last.pt"),
-        "metrics": out.with_name(stem + ".metrics.json"),
+        "last": beside_model(out, ".last.pt"),
+        "metrics": beside_model(out, ".metrics.json"),
         "cm_counts": plots / f"{stem}.confusion_counts.png",
         "cm_rates": plots / f"{stem}.confusion_normalized.png",
         "curves": plots / f"{stem}.training_curves.png",
@@ -884,8 +884,7 @@ def choose_outputs(args):
             f"--out {args.out} exists{previous_score(args.out)}: pass --replace to overwrite it (the old "
             f"one is kept as a .bak.pt), or leave --out out and the run gets its own folder under runs/"
         )
-    stem = beside_model(args.out, "").name
-    return args.out.with_name(f"{stem}.{stamp}.bak.pt")
+    return beside_model(args.out, f".{stamp}.bak.pt")
 
 
 def main(args):

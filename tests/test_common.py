@@ -1,5 +1,7 @@
 """The shared module: class names, the model, preprocessing and checkpoints."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -224,7 +226,5 @@ def test_bf16_off_where_torch_cannot_tell(monkeypatch):
     [("runs/a/Model.pt", "runs/a/Model.last.pt"), ("Model", "Model.last.pt"), ("m.v2.pt", "m.v2.last.pt")],
 )
 def test_files_beside_a_model_share_its_stem(model, expected):
-    from pathlib import Path
-
     assert common.beside_model(Path(model), ".last.pt") == Path(expected)
     assert network.int8_path(Path(model)) == Path(expected.replace(".last.pt", ".int8.onnx"))
