@@ -273,6 +273,131 @@ def read_csv(path, skip_bad=False, progress=True):
     return np.stack(faces), np.array(labels, dtype=np.int64), (usage if use_col is not None else None), bad
 
 
+# ---------------------------------------------------------------------------------------------
+# FER+ (Microsoft's fer2013new.csv): ten people's votes for each face of FER2013's CSV, row for row
+
+# FER+'s vote columns in its file's order, and the emotion of ours each one is (None: not one of our seven).
+FERPLUS_COLUMNS = (
+    "neutral",
+    "happiness",
+    "surprise",
+    "sadness",
+    "anger",
+    "disgust",
+    "fear",
+    "contempt",
+    "unknown",
+    "NF",
+)
+FERPLUS_EMOTION = {"neutral": "neutral", "happiness": "happy", "surprise": "surprise", "sadness": "sad",
+                   "anger": "anger", "disgust": "disgust", "fear": "fear"}  # fmt: skip
+FERPLUS_VOTES_FILE = (
+    "ferplus_votes.csv"  # preparation.py --ferplus writes it beside the split folders; train.py reads it
+)
+FERPLUS_HINT = "Microsoft's fer2013new.csv (github.com/microsoft/FERPlus), for the same rows as the FER2013 CSV"
+
+
+def read_ferplus(path):
+    """FER+'s votes (N, 10) int in FERPLUS_COLUMNS order and each row's Usage, from fer2013new.csv.
+
+    Read as open_text reads a CSV (plain, gzipped, in a .zip/.tar.gz); line numbers count from 1 at the header.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"--ferplus {path} not found: pass {FERPLUS_HINT}")
+    votes, usage = [], []
+    try:
+        with open_text(path) as f:
+            reader = csv.reader(f)
+            header = [c.strip() for c in next(reader, [])]
+            missing = [c for c in ("Usage",) + FERPLUS_COLUMNS if c not in header]
+            if missing:
+                raise UserError(
+                    f"--ferplus {path} line 1: no column {missing[0]!r}; expected FER+'s header "
+                    f"'Usage,Image name,{','.join(FERPLUS_COLUMNS)}': pass {FERPLUS_HINT}"
+                )
+            cols = [header.index(c) for c in FERPLUS_COLUMNS]
+            use_col = header.index("Usage")
+            for row in reader:
+                if not row or (len(row) == 1 and not row[0].strip()):
+                    continue
+                try:
+                    v = [int(row[c]) for c in cols]
+                except (ValueError, IndexError):
+                    raise UserError(
+                        f"--ferplus {path} line {reader.line_num}: the votes are not {len(cols)} whole numbers: "
+                        "fix the row or download the file again"
+                    ) from None
+                if min(v) < 0 or sum(v) == 0:
+                    raise UserError(
+                        f"--ferplus {path} line {reader.line_num}: {'a negative vote' if min(v) < 0 else 'no votes'}: "
+                        "fix the row or download the file again"
+                    )
+                votes.append(v)
+                usage.append(row[use_col].strip())
+    except (OSError, EOFError, zlib.error, UnicodeDecodeError, csv.Error, zipfile.BadZipFile, tarfile.TarError) as e:
+        raise UserError(
+            f"--ferplus {path} is unreadable ({type(e).__name__}: {str(e)[:80]}): download it again"
+        ) from None
+    if not votes:
+        raise UserError(f"--ferplus {path} has no rows: pass {FERPLUS_HINT}")
+    return np.array(votes, dtype=np.int64), usage
+
+
+def check_ferplus_rows(ferplus_path, csv_path, ferplus_usage, csv_usage, n_csv):
+    """A UserError unless FER+'s file has the CSV's rows in the CSV's order (same count, same Usage row by row)."""
+    if len(ferplus_usage) != n_csv:
+        raise UserError(
+            f"--ferplus {ferplus_path} has {len(ferplus_usage):,} rows but {csv_path} has {n_csv:,} faces: pass the "
+            "fer2013new.csv made for this CSV (its rows match FER2013's row for row)"
+        )
+    if csv_usage is None:
+        return
+    for i, (a, b) in enumerate(zip(ferplus_usage, csv_usage)):
+        if a.lower() != b.strip().lower():
+            raise UserError(
+                f"--ferplus {ferplus_path} line {i + 2} is {a!r} but {csv_path}'s face {i + 1} is {b.strip()!r}: "
+                "the two files are not in the same row order; pass the fer2013new.csv made for this CSV"
+            )
+
+
+def ferplus_shares(votes):
+    """Each face's vote shares over EMOTIONS (float32, rows sum to 1; all zero where no vote is for one of them)."""
+    votes = np.asarray(votes, dtype=np.float64)
+    ours = np.zeros((len(votes), len(EMOTIONS)))
+    for j, col in enumerate(FERPLUS_COLUMNS):
+        if col in FERPLUS_EMOTION:
+            ours[:, EMOTIONS.index(FERPLUS_EMOTION[col])] = votes[:, j]
+    total = ours.sum(1, keepdims=True)
+    return (ours / np.maximum(total, 1)).astype(np.float32)
+
+
+def ferplus_majority(votes):
+    """Per face, the EMOTIONS id that more than half of all its votes went to, else -1 (FER+'s majority faces)."""
+    votes = np.asarray(votes)
+    top = votes.argmax(1)
+    ids = np.array([EMOTIONS.index(FERPLUS_EMOTION[c]) if c in FERPLUS_EMOTION else -1 for c in FERPLUS_COLUMNS])
+    strict = votes.max(1) * 2 > votes.sum(1)
+    return np.where(strict, ids[top], -1)
+
+
+def ferplus_plurality(votes, fallback):
+    """Per face, the EMOTIONS id with the most votes (a tie goes to `fallback`, FER2013's label, when it is among the
+    tied, else to FERPLUS_COLUMNS' order); -1 where not-a-face, unknown or contempt has more votes than any emotion."""
+    votes = np.asarray(votes)
+    ours = [j for j, c in enumerate(FERPLUS_COLUMNS) if c in FERPLUS_EMOTION]
+    ids = np.array([EMOTIONS.index(FERPLUS_EMOTION[FERPLUS_COLUMNS[j]]) for j in ours])
+    mine = votes[:, ours]
+    best = mine.max(1)
+    other = np.delete(votes, ours, axis=1).max(1)
+    tied = mine == best[:, None]
+    first = ids[tied.argmax(1)]
+    fb = np.asarray(fallback)
+    fallback_tied = (tied & (ids[None, :] == fb[:, None])).any(1)
+    label = np.where(fallback_tied, fb, first)
+    return np.where((best > 0) & (best >= other), label, -1)
+
+
 def describe_bad(bad):
     """'3 bad rows, at lines 4, 9, 12' with at most MAX_BAD_SHOWN line numbers."""
     lines = ", ".join(str(n) for n, _ in bad[:MAX_BAD_SHOWN]) + (", ..." if len(bad) > MAX_BAD_SHOWN else "")

@@ -2,6 +2,7 @@
 
     python preparation.py                                  # data/train.csv -> face_datasets/
     python preparation.py --csv data/fer2013.zip --skip-bad  # Kaggle's download as it comes
+    python preparation.py --csv data/fer2013.csv --ferplus data/fer2013new.csv  # FER+'s ten votes a face
 
 Reads the `input`/`target` layout (2304 gray values of a 48x48 face; 0 anger .. 6 neutral) and
 FER2013's original `emotion`/`pixels`/`Usage` layout, plain, gzipped or inside a .zip/.tar.gz.
@@ -9,6 +10,11 @@ Writes `<out>/Train data/<emotion>/<row>.jpg`; with a Usage column, PublicTest r
 `<out>/Test data/` (train.py's validation) and PrivateTest rows to `<out>/Final test data/`, which
 train.py never reads. The folder is built beside the old one and swapped in at the end, so a
 failed or interrupted run leaves the old one as it was.
+
+With --ferplus (Microsoft's fer2013new.csv, the same rows in the same order), each face is filed by the
+emotion most of its ten people voted for instead of FER2013's label; faces whose votes go mostly to
+not-a-face, unknown or contempt are left out; and `<out>/ferplus_votes.csv` keeps every written face's
+FER2013 label and votes, keyed by its image path, for train.py to learn the vote shares from.
 """
 
 import argparse
@@ -26,14 +32,19 @@ from tqdm import tqdm
 
 from common import (
     EMOTIONS,
+    FERPLUS_COLUMNS,
+    FERPLUS_VOTES_FILE,
     FINAL_TEST,
     REPO_ROOT,
     TRAINING,
     VALIDATION,
     Interrupted,
     UserError,
+    check_ferplus_rows,
     describe_bad,
+    ferplus_plurality,
     read_csv,
+    read_ferplus,
     run_main,
 )
 
@@ -62,12 +73,17 @@ def split_order(folder):
 
 
 def write_images(faces, labels, usage, root, progress=True):
-    """Write each face as <root>/<split>/<emotion>/<row>.jpg; returns {split: per-class counts}."""
+    """Write each face as <root>/<split>/<emotion>/<row>.jpg, but those labelled -1 (left out).
+
+    Returns ({split: per-class counts}, {row: image path relative to root}).
+    """
 
     width = max(5, len(str(len(faces) - 1)))
-    counts = {}
+    counts, written = {}, {}
     made = set()
     for i in tqdm(range(len(faces)), desc="writing images", unit=" img", disable=not progress, mininterval=0.5):
+        if labels[i] < 0:
+            continue
         split = split_of(usage[i] if usage is not None else None)
         emotion = EMOTIONS[labels[i]]
         folder = root / split / emotion
@@ -78,7 +94,37 @@ def write_images(faces, labels, usage, root, progress=True):
         if not cv2.imwrite(name, faces[i], [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY]):
             raise UserError(f"could not write {name}: check free disk space and permissions")
         counts.setdefault(split, [0] * len(EMOTIONS))[labels[i]] += 1
-    return counts
+        written[i] = f"{split}/{emotion}/{Path(name).name}"
+    return counts, written
+
+
+def ferplus_labels(args, labels, usage, bad):
+    """(votes of each kept face, FER+'s folder label per face or -1, a summary line) from --ferplus."""
+    votes, fp_usage = read_ferplus(args.ferplus)
+    if bad:  # the rows read_csv left out (--skip-bad) leave FER+'s file too, by line number
+        drop = {line - 2 for line, _ in bad}
+        keep = [i for i in range(len(votes)) if i not in drop]
+        votes, fp_usage = votes[keep], [fp_usage[i] for i in keep]
+    check_ferplus_rows(args.ferplus, args.csv, fp_usage, usage, len(labels))
+    folder = ferplus_plurality(votes, labels)
+    out = folder < 0
+    top = [FERPLUS_COLUMNS[j] for j in votes[out].argmax(1)]
+    why = ", ".join(f"{k} {top.count(k)}" for k in ("NF", "unknown", "contempt") if top.count(k))
+    agree = float((folder[~out] == labels[~out]).mean()) if (~out).any() else 0.0
+    line = (
+        f"FER+: faces filed by their people's most-voted emotion (FER2013's label agrees on {agree:.0%}); "
+        f"{int(out.sum())} left out, their votes mostly for another answer ({why or 'none'})"
+    )
+    return votes, folder, line
+
+
+def write_votes(path, written, labels, votes):
+    """<out>/ferplus_votes.csv: each written image's path, FER2013 label and FER+'s ten votes."""
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["image", "fer2013", *FERPLUS_COLUMNS])
+        for i, name in written.items():
+            w.writerow([name, EMOTIONS[labels[i]], *votes[i].tolist()])
 
 
 def plot_distribution(counts, path):
@@ -165,6 +211,13 @@ def parse_args(argv=None):
         action="store_true",
         help="leave bad rows out and list them in <out>/rejects.csv (default: stop at the first)",
     )
+    p.add_argument(
+        "--ferplus",
+        type=Path,
+        default=None,
+        help="Microsoft's FER+ votes for the same rows (fer2013new.csv): file faces by what most of ten people "
+        f"saw and keep the votes in <out>/{FERPLUS_VOTES_FILE} (default: none, FER2013's labels)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars (default: shown)")
     p.add_argument("--debug", action="store_true", help="show tracebacks (default: one-line errors)")
     return p.parse_args(argv)
@@ -184,6 +237,9 @@ def main(args):
                 f"python preparation.py --csv data/{found[0]}"
             )
     faces, labels, usage, bad = read_csv(args.csv, skip_bad=args.skip_bad, progress=progress)
+    votes, folder_labels, ferplus_line = None, labels, None
+    if args.ferplus is not None:
+        votes, folder_labels, ferplus_line = ferplus_labels(args, labels, usage, bad)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         if remove_leftovers(out, progress):
@@ -193,7 +249,9 @@ def main(args):
         raise UserError(f"cannot write to {out.parent} ({e.strerror}): choose another --out") from None
     written = False
     try:
-        counts = write_images(faces, labels, usage, tmp, progress=progress)
+        counts, images = write_images(faces, folder_labels, usage, tmp, progress=progress)
+        if votes is not None:
+            write_votes(tmp / FERPLUS_VOTES_FILE, images, labels, votes)
         if bad:
             with open(tmp / "rejects.csv", "w", newline="") as f:
                 w = csv.writer(f)
@@ -213,8 +271,10 @@ def main(args):
     print(format_table(counts))
     if bad:
         print(f"skipped {describe_bad(bad)}; see {out / 'rejects.csv'}")
+    if ferplus_line:
+        print(f"{ferplus_line}; votes: {out / FERPLUS_VOTES_FILE}")
     print(
-        f"wrote {len(faces)} images to {out} in {time.perf_counter() - start:.1f}s; "
+        f"wrote {len(images)} images to {out} in {time.perf_counter() - start:.1f}s; "
         f"class chart: {out / 'class_distribution.png'}"
     )
     if FINAL_TEST in set(usage or ()):
@@ -223,7 +283,7 @@ def main(args):
             f"'{SPLIT_FOLDERS[FINAL_TEST]}' ({FINAL_TEST}): score it once at the end with "
             f'python test.py --eval "{out / SPLIT_FOLDERS[FINAL_TEST]}"'
         )
-    return {"out": out, "counts": counts, "bad": bad}
+    return {"out": out, "counts": counts, "bad": bad, "written": len(images)}
 
 
 if __name__ == "__main__":
