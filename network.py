@@ -11,6 +11,7 @@ import os
 import tempfile
 import warnings
 from contextlib import nullcontext
+from copy import deepcopy
 from pathlib import Path
 
 import numpy as np
@@ -63,7 +64,7 @@ class EmotionNet(nn.Module):
     first block halves it to 24x24 (train.py's default).
     """
 
-    def __init__(self, num_classes=7, widths=(32, 64, 128, 256), blocks=(1, 1, 1, 1), dropout=0.3):
+    def __init__(self, num_classes=7, widths=(32, 64, 128, 256), blocks=(1, 1, 1, 1), dropout=0.3, extra_heads=()):
         super().__init__()
         self.stem = nn.Sequential(
             nn.Conv2d(1, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU(inplace=True)
@@ -77,11 +78,16 @@ class EmotionNet(nn.Module):
         self.features = nn.Sequential(*layers)
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(cin, num_classes)
+        # More answers from the same features (train.py: one head learns FER+'s votes, another FER2013's labels).
+        self.extra_heads = nn.ModuleDict({name: nn.Linear(cin, num_classes) for name in extra_heads})
 
     def forward(self, x):
+        """The answering head's logits; in training mode with extra heads, a tuple: that head's, then each extra's."""
         x = self.features(self.stem(x))
-        x = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
-        return self.head(self.dropout(x))
+        x = self.dropout(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+        if self.training and len(self.extra_heads):
+            return (self.head(x), *(h(x) for h in self.extra_heads.values()))
+        return self.head(x)
 
 
 ARCHITECTURES = {"EmotionNet": EmotionNet}
@@ -95,6 +101,14 @@ def fuse_for_inference(model):
     is the one test.py --eval finds.
     """
     return fuse(model.eval()).to(memory_format=torch.channels_last).eval()
+
+
+def answering_with(model, head):
+    """A copy of `model` that answers with extra head `head` (by name) in place of its own; `model` is unchanged."""
+    copy = deepcopy(model)
+    copy.head = copy.extra_heads[head]
+    copy.extra_heads = nn.ModuleDict()
+    return copy
 
 
 def build_model(arch, arch_args, num_classes):
@@ -214,8 +228,19 @@ def predict_proba(
 # From a checkpoint
 
 
-def model_from_checkpoint(ckpt, device, path="model"):
-    """Rebuild the model a checkpoint describes and load its weights, fused for inference (fuse_for_inference)."""
+def head_names(ckpt):
+    """The names of a checkpoint's heads, the answering one first (a one-head model's is its labels' name)."""
+    return list(ckpt.get("heads", [ckpt.get("labels", "fer2013")]))
+
+
+def model_from_checkpoint(ckpt, device, path="model", head=None):
+    """Rebuild the model a checkpoint describes and load its weights, fused for inference (fuse_for_inference).
+
+    `head` names the head that answers (head_names); None: the checkpoint's own answering head.
+    """
+    names = head_names(ckpt)
+    if head is not None and head not in names:
+        raise UserError(f"--head {head}: model file {path} has {' and '.join(names)} only; pass one of those")
     try:
         model = build_model(ckpt["arch"], ckpt.get("arch_args", {}), len(ckpt["class_names"]))
         model.load_state_dict(ckpt["state_dict"])
@@ -224,6 +249,8 @@ def model_from_checkpoint(ckpt, device, path="model"):
             f"model file {path} does not match architecture {ckpt.get('arch')!r} of this code "
             f"({str(e).splitlines()[0][:120]}): retrain with train.py"
         ) from None
+    if head is not None and head != names[0]:
+        model = answering_with(model, head)
     return fuse_for_inference(model.to(device))
 
 

@@ -1,9 +1,12 @@
 """Train the facial emotion CNN on the images preparation.py wrote.
 
-    python train.py                                       # face_datasets/Train data -> models/
-    python train.py --val ../shared/data/fer2013/val.csv.gz      # the shipped model (100 epochs)
-    python train.py --resume models/Facial_Emotion_Recognizer.last.pt   # continue an interrupted run
+    python preparation.py --csv data/fer2013.csv --ferplus data/fer2013new.csv && python train.py   # the shipped model
+    python train.py --data "face_datasets/Train data" --val data/fer2013.csv    # validate on a CSV's PublicTest rows
+    python train.py --resume runs/<date-time>/Facial_Emotion_Recognizer.last.pt   # continue an interrupted run
 
+With FER+'s votes beside the folders (face_datasets/ferplus_votes.csv, from preparation.py --ferplus) the
+network gets two heads: the answering one learns each face's vote shares, the other FER2013's labels
+(test.py --head); without them, one head learns the folders' labels.
 Images are read once through torchvision's ImageFolder into memory; augmentation then runs on
 whole batches as tensor operations, so two CPU cores spend their time in the convolutions.
 Writes the best model (by validation accuracy) to --out, the last epoch beside it as *.last.pt
@@ -11,6 +14,7 @@ for --resume, and confusion matrices, training curves and a metrics JSON beside 
 """
 
 import argparse
+import csv
 import json
 import math
 import os
@@ -34,6 +38,8 @@ from tqdm import tqdm
 from common import (
     CHECKPOINT_FORMAT,
     EMOTIONS,
+    FERPLUS_COLUMNS,
+    FERPLUS_VOTES_FILE,
     IMAGE_SIZE,
     REPO_ROOT,
     VALIDATION,
@@ -42,6 +48,7 @@ from common import (
     atomic_save,
     beside_model,
     choose_device,
+    ferplus_shares,
     held_out_rows,
     load_checkpoint,
     metrics_from_confusion,
@@ -56,6 +63,7 @@ from network import (
     NORM_STD,
     PREDICT_BATCH,
     TEST_SHIFT,
+    answering_with,
     autocast_for,
     build_model,
     count_parameters,
@@ -88,6 +96,16 @@ WEIGHT_DECAY = 5e-4  # on conv and linear weights only: biases and BatchNorm are
 LABEL_SMOOTHING = 0.1  # FER2013's labels are noisy (people agree with them about 65% of the time)
 EMA_DECAY = 0.999  # validated and shipped: an exponential average of the weights (ema_with_warmup)
 CLASS_WEIGHT_POWER = 0.5  # loss weight (1 / class frequency) ** 0.5: lifts disgust without wrecking the rest
+# With FER+'s votes (preparation.py --ferplus) the network has two heads on the same features: the answering
+# one learns each face's vote shares (what ten people saw), the other FER2013's one label; the losses are added.
+# The votes alone lost FER2013's benchmark and posed faces, FER2013's labels alone lost photos (RESULTS.md).
+HEADS = ("ferplus", "fer2013")
+# Tone: half the faces get another exposure and contrast, so that the model holds on faces lit, exposed and
+# contrast-enhanced otherwise than FER2013's (photos; the JPEG release's enhanced copy of FER2013).
+TONE_P = 0.5
+TONE_GAMMA = 0.3  # gamma exp(U(-0.3, 0.3)): 0.74-1.35
+TONE_CONTRAST = (0.7, 1.5)  # around each face's own mean; over 1 some pixels clip, as in the enhanced copy
+TONE_BRIGHTNESS = 0.08  # +-8% of the gray range
 MIXUP_ALPHA = 0.0  # mixup off: it did not help this net
 PHOTO_AUG = False  # photo_look() and a wider scale jitter (the PHOTO_* constants below)
 SEED = 0
@@ -110,6 +128,7 @@ RECIPE = {
     "label_smoothing": LABEL_SMOOTHING,
     "ema_decay": EMA_DECAY,
     "class_weight_power": CLASS_WEIGHT_POWER,
+    "tone": {"p": TONE_P, "gamma": TONE_GAMMA, "contrast": list(TONE_CONTRAST), "brightness": TONE_BRIGHTNESS},
 }
 
 
@@ -117,10 +136,11 @@ RECIPE = {
 # Data
 
 
-def load_image_folder(root, progress=True):
+def load_image_folder(root, progress=True, with_paths=False):
     """All images of an ImageFolder tree as uint8 (N, 48, 48), labels and class names; bad files skipped.
 
-    Returns (faces, labels, classes, skipped) where skipped lists (path, reason).
+    Returns (faces, labels, classes, skipped) where skipped lists (path, reason); `with_paths` adds the
+    path of each face read, last.
     """
 
     root = Path(root)
@@ -146,7 +166,7 @@ def load_image_folder(root, progress=True):
     empty = [c for c, n in zip(ds.classes, counts) if n == 0]
     if empty:
         raise UserError(f"data folder {root}: class folder {empty[0]!r} has no images; add images or remove the folder")
-    faces, labels, skipped = [], [], []
+    faces, labels, skipped, paths = [], [], [], []
     for path, target in tqdm(
         ds.samples, desc=f"loading {root.name}", unit=" img", disable=not progress, mininterval=0.5
     ):
@@ -160,9 +180,40 @@ def load_image_folder(root, progress=True):
             skipped.append((path, f"{type(e).__name__}: {str(e)[:60]}"))
             continue
         labels.append(target)
+        paths.append(path)
     if not faces:
         raise UserError(f"data folder {root} has no readable images ({len(skipped)} unreadable)")
-    return np.stack(faces), np.array(labels, dtype=np.int64), list(ds.classes), skipped
+    loaded = np.stack(faces), np.array(labels, dtype=np.int64), list(ds.classes), skipped
+    return (*loaded, paths) if with_paths else loaded
+
+
+def read_votes(root, paths, classes):
+    """FER+ vote shares (N, C) and FER2013 labels (N,), both in `classes` order, for the images at `paths`.
+
+    From the ferplus_votes.csv preparation.py --ferplus wrote beside folder `root` (None where there is none).
+    """
+    path = Path(root).parent / FERPLUS_VOTES_FILE
+    if not path.is_file():
+        return None
+    redo = "run preparation.py --ferplus again"
+    try:
+        with open(path, newline="") as f:
+            table = {row["image"]: row for row in csv.DictReader(f)}
+        keys = [Path(p).resolve().relative_to(path.parent.resolve()).as_posix() for p in paths]
+        missing = next((k for k in keys if k not in table), None)
+        if missing is not None:
+            raise UserError(f"{path} has no votes for {missing}: {redo}")
+        votes = np.array([[int(table[k][c]) for c in FERPLUS_COLUMNS] for k in keys], dtype=np.int64)
+        names = [table[k]["fer2013"] for k in keys]
+    except (OSError, KeyError, ValueError, csv.Error) as e:
+        raise UserError(
+            f"{path} is not preparation.py's votes file ({type(e).__name__}: {str(e)[:60]}): {redo}"
+        ) from None
+    unknown = next((n for n in names if n not in classes), None)
+    if unknown is not None:
+        raise UserError(f"{path}: a face labelled {unknown!r} by FER2013, which the training folders lack: {redo}")
+    shares = ferplus_shares(votes)[:, [EMOTIONS.index(c) for c in classes]]
+    return shares, np.array([classes.index(n) for n in names], dtype=np.int64)
 
 
 def val_source_problem(path):
@@ -174,8 +225,12 @@ def val_source_problem(path):
     return None
 
 
-def load_val_source(path, classes, progress=True, log=print):
-    """Validation faces and labels (in `classes` order) from a folder like Train data or a FER2013 CSV."""
+def load_val_source(path, classes, progress=True, log=print, fer2013_too=False):
+    """Validation faces and labels (in `classes` order) from a folder like Train data or a FER2013 CSV.
+
+    With `fer2013_too`, also each face's FER2013 label in `classes` order: a CSV's own, or from the votes file
+    beside a folder (read_votes); None for a folder without one.
+    """
     path = Path(path)
     problem = val_source_problem(path)
     if problem:
@@ -187,16 +242,22 @@ def load_val_source(path, classes, progress=True, log=print):
             faces, ids = faces[rows], ids[rows]
             log(f"--val {path.name}: {which}")
         names = [EMOTIONS[i] for i in ids]
+        fer2013 = None
     else:
-        faces, labels, val_classes, skipped = load_image_folder(path, progress)
+        faces, labels, val_classes, skipped, paths = load_image_folder(path, progress, with_paths=True)
         if skipped:
             log(f"skipped {len(skipped)} unreadable validation images, first {skipped[0][0]}")
         names = [val_classes[t] for t in labels]
+        votes = read_votes(path, paths, classes) if fer2013_too else None
+        fer2013 = votes[1] if votes is not None else None
     missing = sorted(set(names) - set(classes))
     if missing:
         raise UserError(f"--val {path} has emotion {missing[0]!r} that the training data lacks")
     index = {c: i for i, c in enumerate(classes)}
-    return faces, np.array([index[n] for n in names], dtype=np.int64)
+    labels = np.array([index[n] for n in names], dtype=np.int64)
+    if not fer2013_too:
+        return faces, labels
+    return faces, labels, (labels if path.is_file() else fer2013)
 
 
 def stratified_split(labels, fraction, seed):
@@ -248,8 +309,25 @@ def photo_look(x, gen):
     return torch.where(col(r(n) < PHOTO_P), looked, x)
 
 
+def tone(x, gen, p=TONE_P):
+    """For a share `p` of the faces: gamma, contrast around the face's mean and brightness (TONE_* constants).
+
+    x: normalised float (N, 1, H, W); returns the same, every change drawn from `gen`.
+    """
+    n = x.shape[0]
+    r = lambda *s: torch.rand(*s, generator=gen).to(x.device)  # noqa: E731
+    col = lambda v: v.view(n, 1, 1, 1)  # noqa: E731
+    px = (x * NORM_STD + NORM_MEAN).clamp(0, 1)
+    px = px.pow(col(torch.exp((r(n) * 2 - 1) * TONE_GAMMA)))
+    lo, hi = TONE_CONTRAST
+    mean = px.mean((1, 2, 3), keepdim=True)
+    px = (px - mean) * col(lo + r(n) * (hi - lo)) + mean + col((r(n) * 2 - 1) * TONE_BRIGHTNESS)
+    toned = (px.clamp(0, 1) - NORM_MEAN) / NORM_STD
+    return torch.where(col(r(n) < p), toned, x)
+
+
 def augment(x, gen, max_rotate=10.0, max_shift=0.1, scale=(0.9, 1.1), erase_p=0.5, photo=False):
-    """Random flip, rotation, scale and shift (one affine warp per batch), then random erasing.
+    """Random flip, rotation, scale and shift (one affine warp per batch), tone (tone()), then random erasing.
 
     With `photo`, a wider scale jitter and photo_look() before the erasing.
     x: normalised float (N, 1, H, W). All randomness comes from `gen`, so a seeded epoch is repeatable.
@@ -272,8 +350,7 @@ def augment(x, gen, max_rotate=10.0, max_shift=0.1, scale=(0.9, 1.1), erase_p=0.
     )
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
-    if photo:
-        x = photo_look(x, gen)
+    x = photo_look(x, gen) if photo else tone(x, gen)
     # Random erasing: one rectangle of 2-25% of the image per chosen face, filled with 0 (the mean).
     h, w = x.shape[2:]
     area = (0.02 + r(n) * 0.23) * h * w
@@ -414,6 +491,7 @@ def train_one_epoch(run, faces, labels, *, epoch, progress=True):
     model = run.train_model
     model.train()
     loss_args = {"weight": run.class_weights, "label_smoothing": LABEL_SMOOTHING}
+    two_heads = run.shares is not None
     total_loss, correct, seen = 0.0, 0, 0
     bar = tqdm(
         range(n_batches),
@@ -434,7 +512,13 @@ def train_one_epoch(run, faces, labels, *, epoch, progress=True):
             x, lam, partner = mixup(x, gen, args.mixup)
         with autocast_for(device, args.bf16):
             logits = model(x)
-            loss = F.cross_entropy(logits.float(), y, **loss_args)
+            if two_heads:  # the answering head learns the vote shares, the other FER2013's label
+                logits, fer2013_logits = logits
+                i = idx.to(labels.device)
+                loss = F.cross_entropy(logits.float(), run.shares[i], weight=run.vote_weights)
+                loss = loss + F.cross_entropy(fer2013_logits.float(), run.fer2013_labels[i], **loss_args)
+            else:
+                loss = F.cross_entropy(logits.float(), y, **loss_args)
             if partner is not None:  # each loss from its own float copy of the logits
                 loss = lam * loss + (1.0 - lam) * F.cross_entropy(logits.float(), y[partner], **loss_args)
                 if lam < 0.5:  # training accuracy counts the face that dominates the blend
@@ -528,7 +612,11 @@ def output_paths(out, plots_dir):
 
 @dataclass
 class Data:
-    """The faces a run trains and validates on (uint8, model-order labels)."""
+    """The faces a run trains and validates on (uint8, model-order labels).
+
+    With FER+'s votes: each training face's vote shares and FER2013 label, and the validation faces' FER2013
+    labels where known; else None.
+    """
 
     faces: np.ndarray
     labels: np.ndarray
@@ -537,6 +625,9 @@ class Data:
     val_labels: np.ndarray
     val_name: str
     skipped: list
+    shares: np.ndarray = None
+    fer2013_labels: np.ndarray = None
+    val_fer2013: np.ndarray = None
 
 
 @dataclass
@@ -552,6 +643,8 @@ class Run:
     scaler: object
     class_weights: torch.Tensor
     classes: list
+    arch_args: dict
+    heads: list  # the answering head's name first (network.head_names)
     n_params: int
     started: float
     device: torch.device
@@ -559,6 +652,9 @@ class Run:
     procs: Dist
     skipped: list
     backup: Path = None
+    shares: torch.Tensor = None  # with two heads: the vote shares, FER2013 labels and the vote loss's class weights
+    fer2013_labels: torch.Tensor = None
+    vote_weights: torch.Tensor = None
 
 
 def cpu_copy(obj):
@@ -618,7 +714,8 @@ def save_epoch(run, epoch, history, best, is_best, first_save):
     ckpt = {
         "format_version": CHECKPOINT_FORMAT,
         "arch": DEFAULT_ARCH,
-        "arch_args": DEFAULT_ARCH_ARGS,
+        "arch_args": run.arch_args,
+        "heads": list(run.heads),
         "class_names": list(classes),
         "input_size": IMAGE_SIZE,
         "mean": NORM_MEAN,
@@ -645,7 +742,8 @@ def save_epoch(run, epoch, history, best, is_best, first_save):
     metrics_json = {
         "model": str(args.out.name),
         "arch": DEFAULT_ARCH,
-        "arch_args": DEFAULT_ARCH_ARGS,
+        "arch_args": run.arch_args,
+        "heads": list(run.heads),
         "parameters": run.n_params,
         "class_names": list(classes),
         "best_epoch": best["epoch"],
@@ -848,7 +946,7 @@ def resume_schedule(args):
 
 
 def previous_score(path):
-    """' (69.7% on val.csv.gz)' from the metrics JSON beside an existing model file, or ''."""
+    """' (70.1% on Test data)' from the metrics JSON beside an existing model file, or ''."""
     try:
         v = json.loads(beside_model(path, ".metrics.json").read_text())["validation"]
         return f" ({v['accuracy']:.1%} on {v['validation_set']})"
@@ -934,7 +1032,13 @@ def train(args, device, procs, resumed=None, backup=None):
             log(
                 f"epoch {epoch + 1:3d}/{args.epochs}  loss {entry['train_loss']:.4f}"
                 f"  train acc {entry['train_acc']:.4f}"
-                f"  val acc {entry['val_acc']:.4f}  macro-F1 {entry['val_macro_f1']:.4f}  {entry['seconds']:.0f}s"
+                f"  val acc {entry['val_acc']:.4f}  macro-F1 {entry['val_macro_f1']:.4f}"
+                + "".join(
+                    f"  {k[8:-5]} head {v:.4f}"
+                    for k, v in entry.items()
+                    if k.startswith("val_acc_") and k.endswith("_head")
+                )
+                + f"  {entry['seconds']:.0f}s"
                 f" ({entry['images_per_s']:.0f} img/s){'  *best' if is_best else ''}",
                 flush=True,
             )
@@ -980,22 +1084,38 @@ def train(args, device, procs, resumed=None, backup=None):
 
 def load_data(args, progress, log):
     """The training faces, and validation faces from --val, the Test data folder beside --data, or a hold-out."""
-    faces, labels, classes, skipped = load_image_folder(args.data, progress)
+    faces, labels, classes, skipped, paths = load_image_folder(args.data, progress, with_paths=True)
     if skipped:
         log(f"skipped {len(skipped)} unreadable images in {args.data} (first: {skipped[0][0]}: {skipped[0][1]})")
+    votes = read_votes(args.data, paths, classes)
+    shares, fer2013 = votes if votes is not None else (None, None)
+    if votes is not None and args.mixup > 0:
+        raise UserError("--mixup trains one head on FER2013's labels: leave it out when training on FER+'s votes")
     val_src = args.val
     if val_src is None and (args.data.parent / "Test data").is_dir() and args.data.name != "Test data":
         val_src = args.data.parent / "Test data"
+    val_fer2013 = None
     if val_src is not None:
-        val_faces, val_labels = load_val_source(val_src, classes, progress, log)
+        val_faces, val_labels, val_fer2013 = load_val_source(val_src, classes, progress, log, fer2013_too=True)
         val_name = Path(val_src).name
     else:
         tr, va = stratified_split(labels, VAL_FRACTION, args.seed)
         val_faces, val_labels = faces[va], labels[va]
         faces, labels = faces[tr], labels[tr]
+        if votes is not None:
+            val_fer2013, shares, fer2013 = fer2013[va], shares[tr], fer2013[tr]
         val_name = f"hold-out {VAL_FRACTION:.0%} of {args.data.name}"
     log(f"classes: {', '.join(classes)}; {len(faces)} training images, {len(val_faces)} validation ({val_name})")
-    return Data(faces, labels, list(classes), val_faces, val_labels, val_name, skipped)
+    if votes is not None:
+        log(f"labels: FER+'s votes ({FERPLUS_VOTES_FILE}) for the answering head, FER2013's for a second head")
+    return Data(faces, labels, list(classes), val_faces, val_labels, val_name, skipped, shares, fer2013, val_fer2013)
+
+
+def class_weights(freq):
+    """Loss weights (1 / class frequency) ** CLASS_WEIGHT_POWER, scaled so that their mean over the faces is 1."""
+    freq = np.asarray(freq, dtype=float)
+    weights = (freq.sum() / np.maximum(freq, 1e-9) / len(freq)) ** CLASS_WEIGHT_POWER
+    return torch.tensor(weights / (weights * freq / freq.sum()).sum(), dtype=torch.float32)
 
 
 def build_run(args, data, device, procs, started, backup, log):
@@ -1005,7 +1125,9 @@ def build_run(args, data, device, procs, started, backup, log):
     precision = "bfloat16 autocast" if uses_bf16 else "float16 autocast" if fp16 else "float32"
     workers = f", {procs.world} processes (torchrun)" if procs.world > 1 else ""
     log(f"device: {device}, {precision}, {torch.get_num_threads()} threads{workers}")
-    model = build_model(DEFAULT_ARCH, DEFAULT_ARCH_ARGS, len(data.classes)).to(device)
+    two_heads = data.shares is not None
+    arch_args = {**DEFAULT_ARCH_ARGS, "extra_heads": list(HEADS[1:])} if two_heads else dict(DEFAULT_ARCH_ARGS)
+    model = build_model(DEFAULT_ARCH, arch_args, len(data.classes)).to(device)
     model = model.to(memory_format=torch.channels_last)
     ema = AveragedModel(model, multi_avg_fn=ema_with_warmup(EMA_DECAY), use_buffers=True)
     train_model = model
@@ -1026,13 +1148,11 @@ def build_run(args, data, device, procs, started, backup, log):
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=args.lr, epochs=args.epochs, steps_per_epoch=steps_per_epoch, pct_start=WARMUP_SHARE
     )
-    freq = np.bincount(data.labels, minlength=len(data.classes)).astype(float)
-    weights = torch.tensor(
-        (freq.sum() / np.maximum(freq, 1) / len(data.classes)) ** CLASS_WEIGHT_POWER, dtype=torch.float32
-    )
-    weights = weights / (weights * torch.tensor(freq / freq.sum(), dtype=torch.float32)).sum()  # mean weight 1
+    hard = data.fer2013_labels if two_heads else data.labels  # what the cross-entropy with one label learns
+    weights = class_weights(np.bincount(hard, minlength=len(data.classes)))
     n_params = count_parameters(model)
-    log(f"model: {DEFAULT_ARCH} {DEFAULT_ARCH_ARGS}, {n_params:,} parameters")
+    log(f"model: {DEFAULT_ARCH} {arch_args}, {n_params:,} parameters")
+    on_device = lambda a: torch.from_numpy(a).to(device) if a is not None else None  # noqa: E731
     return Run(
         args=args,
         model=model,
@@ -1043,6 +1163,8 @@ def build_run(args, data, device, procs, started, backup, log):
         scaler=torch.amp.GradScaler("cuda") if fp16 else None,
         class_weights=weights.to(device),
         classes=data.classes,
+        arch_args=arch_args,
+        heads=list(HEADS) if two_heads else ["fer2013"],
         n_params=n_params,
         started=started,
         device=device,
@@ -1050,12 +1172,15 @@ def build_run(args, data, device, procs, started, backup, log):
         procs=procs,
         skipped=data.skipped,
         backup=backup,
+        shares=on_device(data.shares),
+        fer2013_labels=on_device(data.fer2013_labels),
+        vote_weights=class_weights(data.shares.sum(0)).to(device) if two_heads else None,
     )
 
 
 def restore(run, ck, log):
     """Load a *.last.pt checkpoint into the run; returns (first epoch to train, history, best so far)."""
-    if ck["class_names"] != run.classes or ck["arch_args"] != DEFAULT_ARCH_ARGS:
+    if ck["class_names"] != run.classes or ck["arch_args"] != run.arch_args:
         raise UserError(f"--resume {run.args.resume} was trained on other classes or another architecture: start fresh")
     run.model.load_state_dict(ck["state_dict"])
     run.ema.load_state_dict(ck["ema"])
@@ -1092,6 +1217,19 @@ def run_epoch(run, data, faces, labels, *, epoch, progress):
         "seconds": seconds,
         "images_per_s": seen / seconds,
     }
+    other = {}  # the second head, on the validation faces' FER2013 labels
+    if len(run.heads) > 1 and data.val_fer2013 is not None:
+        head = run.heads[1]
+        other, _ = evaluate(
+            answering_with(run.ema.module, head),
+            data.val_faces,
+            data.val_fer2013,
+            run.device,
+            run.args.bf16,
+            n_classes=len(data.classes),
+            procs=run.procs,
+        )
+        entry[f"val_acc_{head}_head"] = other["accuracy"]
     metrics = {
         "validation_set": data.val_name,
         "n": int(len(data.val_labels)),
@@ -1102,6 +1240,11 @@ def run_epoch(run, data, faces, labels, *, epoch, progress):
         "per_class": {c: {k: v[i] for k, v in with_tta["per_class"].items()} for i, c in enumerate(data.classes)},
         "confusion": with_tta["confusion"],
     }
+    if other:
+        metrics["labels"] = f"the {run.heads[0]} head on the folders' labels"
+        metrics["other_heads"] = {
+            run.heads[1]: {"labels": "FER2013's", "accuracy": other["accuracy"], "macro_f1": other["macro_f1"]}
+        }
     return entry, metrics
 
 
