@@ -5,7 +5,7 @@
     python test.py --video clip.mp4                       # annotated video + per-frame table in outputs/
     python test.py --camera 0                             # live window; q quits
     python test.py --no-detect crops/                     # each image is already one face
-    python test.py --eval ../shared/data/fer2013/val.csv.gz --json val_scores.json
+    python test.py --eval data/fer2013.csv --ferplus data/fer2013new.csv --json scores.json
 
 Faces are found with RetinaFace (or OpenCV's Haar cascade, --detector haar) and cut out framed as
 FER2013 frames its faces; all faces of a photo or frame are classified in one batch, each resampled
@@ -36,16 +36,20 @@ from common import (
     REPO_ROOT,
     Interrupted,
     UserError,
+    check_ferplus_rows,
     choose_device,
+    ferplus_majority,
+    ferplus_shares,
     held_out_rows,
     load_checkpoint,
     metrics_from_confusion,
     plot_confusion,
     read_csv,
+    read_ferplus,
     run_main,
 )
 from detection import DETECTORS, FRAMING, PHOTO_DETECT_SIZE, VIDEO_DETECT_SIZE, crop_face, iou, load_detector
-from network import NORM_MEAN, NORM_STD, int8_path, load_int8, model_from_checkpoint, predict_proba
+from network import NORM_MEAN, NORM_STD, head_names, int8_path, load_int8, model_from_checkpoint, predict_proba
 
 HAAR_FLAGS = ("scale_factor", "min_neighbors", "min_weight", "min_face")
 DEFAULT_MODEL = REPO_ROOT / "models" / "Facial_Emotion_Recognizer.pt"
@@ -226,11 +230,14 @@ class Recognizer:
         haar=None,
         engine="auto",
         threads=None,
+        head=None,
     ):
         self.path = Path(model_path)
         ckpt = load_checkpoint(self.path)
         self.device = device
-        self.model = model_from_checkpoint(ckpt, device, self.path)
+        self.heads = head_names(ckpt)
+        self.head = head or self.heads[0]  # the int8 copy answers with the model's own (first) head only
+        self.model = model_from_checkpoint(ckpt, device, self.path, head=self.head)
         self.classes = list(ckpt["class_names"])
         self.mean, self.std = ckpt.get("mean", NORM_MEAN), ckpt.get("std", NORM_STD)
         self.int8 = self.load_engine(engine, threads or min(INT8_THREADS, os.cpu_count() or 1))
@@ -242,6 +249,10 @@ class Recognizer:
     def load_engine(self, engine, threads):
         """The model's int8 copy (see ENGINES) on `threads` threads, or None where PyTorch classifies."""
         if engine == "pytorch" or (engine == "auto" and self.device.type != "cpu"):
+            return None
+        if self.head != self.heads[0]:
+            if engine == "int8":
+                raise UserError(f"--engine int8: the int8 copy answers with the {self.heads[0]} head; drop --head")
             return None
         int8, why = load_int8(self.path, self.classes, threads=threads)
         if int8 is None and engine == "int8":
@@ -578,19 +589,27 @@ def run_camera(rec, index, smooth=SMOOTH_FRAMES):
 # Evaluation
 
 
-def load_eval_data(path, rec):
-    """Faces (N, 48, 48), model-order labels, a note and photo counts from a FER2013 CSV or an emotion folder tree.
+def load_eval_data(path, rec, ferplus=None):
+    """Faces (N, 48, 48), model-order labels, a note, photo counts and FER+'s votes from a FER2013 CSV or a folder tree.
 
     Folder images of 48x48 or smaller are face crops; larger ones are photos: their largest face is
     classified, or the whole image where none is found (counted in the note). --no-detect: all whole.
+    `ferplus`: fer2013new.csv for the CSV's rows, whose votes (N, 10) come back for the faces scored; else None.
     """
     path = Path(path)
     index = {c: i for i, c in enumerate(rec.classes)}
+    votes = None
+    if ferplus is not None and not path.is_file():
+        raise UserError(f"--ferplus goes with --eval of a FER2013 CSV (its votes are for the CSV's rows), not {path}")
     if path.is_file():
         faces, ids, usage, _ = read_csv(path, progress=False)
+        if ferplus is not None:
+            votes, ferplus_usage = read_ferplus(ferplus)
+            check_ferplus_rows(ferplus, path, ferplus_usage, usage, len(faces))
         rows, note = held_out_rows(path, usage)  # a CSV with Usage: never the rows the model learned
         if rows is not None:
             faces, ids = faces[rows], ids[rows]
+            votes = votes[rows] if votes is not None else None
         names = [EMOTIONS[i] for i in ids]
     elif path.is_dir():
         subdirs = sorted(d for d in path.iterdir() if d.is_dir() and not d.name.startswith("."))
@@ -638,14 +657,48 @@ def load_eval_data(path, rec):
     missing = sorted(set(names) - set(index))
     if missing:
         raise UserError(f"--eval {path} has emotion {missing[0]!r} that the model {rec.path.name} does not know")
-    return faces, np.array([index[n] for n in names]), note, (counts if path.is_dir() else {})
+    return faces, np.array([index[n] for n in names]), note, (counts if path.is_dir() else {}), votes
 
 
-def run_eval(rec, path, out, json_path):
-    """Score the model on labelled data; print a report, save a confusion-matrix PNG, optionally JSON."""
-    faces, labels, note, counts = load_eval_data(path, rec)
+def ferplus_scores(probs, votes, classes):
+    """The model's answers against FER+'s people: accuracy and macro-F1 on the faces more than half of them agree on
+    (FER+'s majority faces), and how far the probabilities are from the vote shares (mean KL divergence, in nats, and
+    the mean total variation, half the summed absolute difference), over faces with votes for one of our emotions."""
+    order = [EMOTIONS.index(c) for c in classes]
+    to_model = {e: i for i, e in enumerate(order)}
+    majority = ferplus_majority(votes)
+    agreed = majority >= 0
+    labels = np.array([to_model[e] for e in majority[agreed]], dtype=np.int64)
+    k = len(classes)
+    cm = np.bincount(labels * k + probs[agreed].argmax(1), minlength=k * k).reshape(k, k)
+    m = metrics_from_confusion(cm)
+    shares = ferplus_shares(votes)[:, order].astype(np.float64)
+    voted = shares.sum(1) > 0
+    p = np.clip(probs[voted].astype(np.float64), 1e-7, 1.0)
+    t = shares[voted]
+    kl = (t * (np.log(np.where(t > 0, t, 1.0)) - np.log(p))).sum(1)
+    tv = 0.5 * np.abs(t - probs[voted]).sum(1)
+    return {
+        "accuracy": m["accuracy"],
+        "macro_f1": m["macro_f1"],
+        "faces": int(agreed.sum()),
+        "kl_divergence": float(kl.mean()),
+        "total_variation": float(tv.mean()),
+        "vote_faces": int(voted.sum()),
+        "confusion": m["confusion"],
+        "recall": dict(zip(classes, m["per_class"]["recall"])),
+    }
+
+
+def run_eval(rec, path, out, json_path, ferplus=None):
+    """Score the model on labelled data; print a report, save a confusion-matrix PNG, optionally JSON.
+
+    With `ferplus` (fer2013new.csv for a FER2013 CSV) also against FER+'s ten votes a face (ferplus_scores).
+    """
+    faces, labels, note, counts, votes = load_eval_data(path, rec, ferplus)
     t0 = time.perf_counter()
-    pred = rec.classify(faces).argmax(1)
+    probs = rec.classify(faces)
+    pred = probs.argmax(1)
     seconds = time.perf_counter() - t0
     k = len(rec.classes)
     m = metrics_from_confusion(np.bincount(labels * k + pred, minlength=k * k).reshape(k, k))
@@ -657,6 +710,14 @@ def run_eval(rec, path, out, json_path):
         f"{Path(path).name}: accuracy {acc:.4f}, macro-F1 {macro:.4f} on {len(labels)} faces "
         f"({len(labels) / seconds:.0f} faces/s){'; ' + note if note else ''}"
     )
+    fp = ferplus_scores(probs, votes, rec.classes) if votes is not None else None
+    if fp is not None:
+        print(
+            f"FER+ majority ({fp['faces']} faces more than half of ten people agree on): "
+            f"accuracy {fp['accuracy']:.4f}, "
+            f"macro-F1 {fp['macro_f1']:.4f}; against the vote shares of {fp['vote_faces']} faces: "
+            f"KL divergence {fp['kl_divergence']:.3f}, total variation {fp['total_variation']:.3f}"
+        )
     cm_path = out / f"confusion_{Path(path).name.split('.')[0]}.png"
     plot_confusion(
         m["confusion"],
@@ -672,6 +733,7 @@ def run_eval(rec, path, out, json_path):
         "n": int(len(labels)),
         "data": str(path),
         "model": str(rec.path),
+        "head": rec.head,
         "note": note,
         **counts,
         "confusion": m["confusion"],
@@ -685,6 +747,8 @@ def run_eval(rec, path, out, json_path):
             for i, c in enumerate(rec.classes)
         },
     }
+    if fp is not None:
+        result["ferplus"] = fp
     if json_path:
         with written_whole(json_path) as tmp:
             tmp.write_text(json.dumps(result, indent=2) + "\n")
@@ -707,6 +771,21 @@ def parse_args(argv=None):
         default=None,
         metavar="PATH",
         help="score the model on a FER2013 CSV or a folder of emotion subfolders (default: off)",
+    )
+    p.add_argument(
+        "--ferplus",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="with --eval of a FER2013 CSV: also score against FER+'s votes for its rows (fer2013new.csv) "
+        "(default: none)",
+    )
+    p.add_argument(
+        "--head",
+        default=None,
+        help="which of the model's heads answers, for a model trained on FER+'s votes: ferplus (what most people "
+        "see) or fer2013 (as FER2013's labels); a head other than the first classifies with PyTorch "
+        "(default: the model's first, ferplus for the shipped model)",
     )
     p.add_argument(
         "--out",
@@ -821,6 +900,8 @@ def parse_args(argv=None):
         p.error("--json and --csv go with photos or --video, not --camera")
     if args.eval is not None and args.csv:
         p.error("--csv goes with photos or --video; --eval writes --json")
+    if args.ferplus is not None and args.eval is None:
+        p.error("--ferplus goes with --eval of a FER2013 CSV")
     return args
 
 
@@ -843,9 +924,10 @@ def main(args):
         haar=args.haar,
         engine="pytorch" if args.eval is not None and args.engine == "auto" else args.engine,  # scores as reported
         threads=args.threads,
+        head=args.head,
     )
     if args.eval is not None:
-        return run_eval(rec, args.eval, args.out, args.json)
+        return run_eval(rec, args.eval, args.out, args.json, args.ferplus)
     if args.camera is not None:
         return run_camera(rec, args.camera, args.smooth)
     if args.video is not None:

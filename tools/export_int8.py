@@ -2,11 +2,12 @@
 
     python tools/export_int8.py                                        # models/Facial_Emotion_Recognizer.pt
     python tools/export_int8.py --model runs/X/Facial_Emotion_Recognizer.pt --data "face_datasets/Train data"
-    python tools/export_int8.py --check ../shared/data/fer2013/val.csv.gz
+    python tools/export_int8.py --check data/fer2013.csv      # its rows not marked Training
 
 train.py writes the copy itself at the end of a run; this is for a model that has none, or whose copy
 is stale (test.py says so). Calibrates on the training faces preparation.py wrote, as train.py does.
-With --check, scores every face of a CSV with PyTorch and with the int8 copy, as test.py scores them.
+With --check, scores the held-out faces of a CSV (its rows not marked Training) with PyTorch and with
+the int8 copy, as test.py scores them.
 """
 
 import argparse
@@ -20,7 +21,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from common import EMOTIONS, load_checkpoint, read_csv, run_main  # noqa: E402
+from common import EMOTIONS, held_out_rows, load_checkpoint, read_csv, run_main  # noqa: E402
 from network import NORM_MEAN, NORM_STD, load_int8, model_from_checkpoint, predict_proba, write_int8  # noqa: E402
 
 
@@ -59,7 +60,10 @@ def main(args):
     if int8 is None:
         raise SystemExit(f"error: {why}")
     mean, std = ckpt.get("mean", NORM_MEAN), ckpt.get("std", NORM_STD)
-    faces, ids, _, _ = read_csv(args.check, progress=False)
+    faces, ids, usage, _ = read_csv(args.check, progress=False)
+    rows, _ = held_out_rows(args.check, usage)
+    if rows is not None:
+        faces, ids = faces[rows], ids[rows]
     labels = np.array([list(ckpt["class_names"]).index(EMOTIONS[i]) for i in ids])
     ref = predict_proba(model_from_checkpoint(ckpt, torch.device("cpu")), faces, torch.device("cpu"), mean, std)
     ref = ref.numpy()
