@@ -213,17 +213,18 @@ def open_text(path):
         yield stack.enter_context(io.TextIOWrapper(raw, encoding="utf-8-sig", newline=""))
 
 
-def read_csv(path, skip_bad=False, progress=True):
+def read_csv(path, skip_bad=False, progress=True, with_rows=False):
     """Parse a FER2013 CSV into (faces uint8 (N,48,48), labels, usage list or None, bad rows).
 
     `bad` is a list of (line number, reason). Without `skip_bad` the first bad row raises UserError.
-    Line numbers count from 1 at the header, as an editor shows them.
+    Line numbers count from 1 at the header, as an editor shows them. `with_rows` adds, last, the number
+    of each face's data row (from 0, bad rows counted, blank lines not), by which FER+'s file lines up.
     """
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path} not found: put FER2013's train.csv there (see README) or pass --csv")
     csv.field_size_limit(1 << 24)  # a pixels field is ~9 KB, over the csv module's 128 KB limit only if broken
-    faces, labels, usage, bad = [], [], [], []
+    faces, labels, usage, bad, rows = [], [], [], [], []
     try:
         with open_text(path) as f:
             reader = csv.reader(f)
@@ -251,6 +252,7 @@ def read_csv(path, skip_bad=False, progress=True):
                 except RowError as e:
                     bad.append((reader.line_num, str(e)))
                     continue
+                rows.append(len(faces) + len(bad))  # this data row's number: the rows before it, good and bad
                 faces.append(face)
                 labels.append(label)
                 if use_col is not None:
@@ -270,7 +272,8 @@ def read_csv(path, skip_bad=False, progress=True):
     if not faces:
         extra = f" ({describe_bad(bad)})" if bad else ""
         raise UserError(f"{path} has no usable data rows{extra}: check that it is FER2013's CSV")
-    return np.stack(faces), np.array(labels, dtype=np.int64), (usage if use_col is not None else None), bad
+    read = np.stack(faces), np.array(labels, dtype=np.int64), (usage if use_col is not None else None), bad
+    return (*read, np.array(rows, dtype=np.int64)) if with_rows else read
 
 
 # ---------------------------------------------------------------------------------------------
@@ -344,19 +347,25 @@ def read_ferplus(path):
     return np.array(votes, dtype=np.int64), usage
 
 
-def check_ferplus_rows(ferplus_path, csv_path, ferplus_usage, csv_usage, n_csv):
-    """A UserError unless FER+'s file has the CSV's rows in the CSV's order (same count, same Usage row by row)."""
+def check_ferplus_rows(ferplus_path, csv_path, ferplus_usage, csv_usage, n_csv, rows=None):
+    """A UserError unless FER+'s file has the CSV's rows in the CSV's order (same count, same Usage row by row).
+
+    `n_csv`: the CSV's data rows, bad ones included; `rows`: the data row of each entry of `csv_usage` (read_csv's
+    with_rows; None: every row, in order). Rows are counted from 1 after the header, blank lines not counted.
+    """
     if len(ferplus_usage) != n_csv:
         raise UserError(
-            f"--ferplus {ferplus_path} has {len(ferplus_usage):,} rows but {csv_path} has {n_csv:,} faces: pass the "
+            f"--ferplus {ferplus_path} has {len(ferplus_usage):,} rows but {csv_path} has {n_csv:,}: pass the "
             "fer2013new.csv made for this CSV (its rows match FER2013's row for row)"
         )
     if csv_usage is None:
         return
-    for i, (a, b) in enumerate(zip(ferplus_usage, csv_usage)):
+    rows = range(len(csv_usage)) if rows is None else rows
+    for i, b in zip(rows, csv_usage):
+        a = ferplus_usage[i]
         if a.lower() != b.strip().lower():
             raise UserError(
-                f"--ferplus {ferplus_path} line {i + 2} is {a!r} but {csv_path}'s face {i + 1} is {b.strip()!r}: "
+                f"--ferplus {ferplus_path} row {i + 1} is {a!r} but {csv_path}'s row {i + 1} is {b.strip()!r}: "
                 "the two files are not in the same row order; pass the fer2013new.csv made for this CSV"
             )
 

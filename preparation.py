@@ -98,14 +98,14 @@ def write_images(faces, labels, usage, root, progress=True):
     return counts, written
 
 
-def ferplus_labels(args, labels, usage, bad):
-    """(votes of each kept face, FER+'s folder label per face or -1, a summary line) from --ferplus."""
+def ferplus_labels(args, labels, usage, bad, rows):
+    """(votes of each face read, FER+'s folder label per face or -1, a summary line) from --ferplus.
+
+    `rows`: each face's data row in the CSV (read_csv's with_rows), so rows --skip-bad left out leave FER+'s too.
+    """
     votes, fp_usage = read_ferplus(args.ferplus)
-    if bad:  # the rows read_csv left out (--skip-bad) leave FER+'s file too, by line number
-        drop = {line - 2 for line, _ in bad}
-        keep = [i for i in range(len(votes)) if i not in drop]
-        votes, fp_usage = votes[keep], [fp_usage[i] for i in keep]
-    check_ferplus_rows(args.ferplus, args.csv, fp_usage, usage, len(labels))
+    check_ferplus_rows(args.ferplus, args.csv, fp_usage, usage, len(labels) + len(bad), rows)
+    votes = votes[rows]
     folder = ferplus_plurality(votes, labels)
     out = folder < 0
     top = [FERPLUS_COLUMNS[j] for j in votes[out].argmax(1)]
@@ -236,10 +236,10 @@ def main(args):
                 f"{DEFAULT_CSV} not found, but data/ holds {', '.join(found)}: "
                 f"python preparation.py --csv data/{found[0]}"
             )
-    faces, labels, usage, bad = read_csv(args.csv, skip_bad=args.skip_bad, progress=progress)
+    faces, labels, usage, bad, rows = read_csv(args.csv, skip_bad=args.skip_bad, progress=progress, with_rows=True)
     votes, folder_labels, ferplus_line = None, labels, None
     if args.ferplus is not None:
-        votes, folder_labels, ferplus_line = ferplus_labels(args, labels, usage, bad)
+        votes, folder_labels, ferplus_line = ferplus_labels(args, labels, usage, bad, rows)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         if remove_leftovers(out, progress):

@@ -599,7 +599,7 @@ def load_eval_data(path, rec, ferplus=None):
     path = Path(path)
     index = {c: i for i, c in enumerate(rec.classes)}
     votes = None
-    if ferplus is not None and not path.is_file():
+    if ferplus is not None and path.is_dir():
         raise UserError(f"--ferplus goes with --eval of a FER2013 CSV (its votes are for the CSV's rows), not {path}")
     if path.is_file():
         faces, ids, usage, _ = read_csv(path, progress=False)

@@ -1241,7 +1241,7 @@ def run_epoch(run, data, faces, labels, *, epoch, progress):
         "confusion": with_tta["confusion"],
     }
     if other:
-        metrics["labels"] = f"the {run.heads[0]} head on the folders' labels"
+        metrics["labels"] = f"the {run.heads[0]} head on {data.val_name}'s labels"
         metrics["other_heads"] = {
             run.heads[1]: {"labels": "FER2013's", "accuracy": other["accuracy"], "macro_f1": other["macro_f1"]}
         }

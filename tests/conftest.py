@@ -50,6 +50,21 @@ def write_csv(path, faces, labels, layout="ours", usage=None, newline="\n"):
     return Path(path)
 
 
+def write_ferplus(path, labels, usage, seed=0):
+    """A fer2013new.csv for a FER2013 CSV's rows: ten votes a face, most for the face's own label, some elsewhere."""
+    rng = np.random.default_rng(seed)
+    own = {e: c for c, e in common.FERPLUS_EMOTION.items()}
+    rows = ["Usage,Image name," + ",".join(common.FERPLUS_COLUMNS)]
+    for i, (y, u) in enumerate(zip(labels, usage)):
+        votes = dict.fromkeys(common.FERPLUS_COLUMNS, 0)
+        votes[own[EMOTIONS[y]]] = 6
+        for c in rng.choice(common.FERPLUS_COLUMNS, size=4):
+            votes[c] += 1
+        rows.append(f"{u},fer{i:07d}.png," + ",".join(str(votes[c]) for c in common.FERPLUS_COLUMNS))
+    Path(path).write_text("\n".join(rows) + "\n")
+    return Path(path)
+
+
 @pytest.fixture(scope="session")
 def preparation():
     return load_script("preparation")

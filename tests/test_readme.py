@@ -1,9 +1,9 @@
 """Every command the README shows is run here, as written, in a fresh copy of the project with small data.
 
-Only what names the user's own files is filled in (a tiny FER2013 CSV at data/fer2013.csv, photo.jpg, clip.mp4,
-the run folder train.py made); training commands get `--epochs 2` where they name no schedule. Commands that
-cannot run here are listed in ELSEWHERE with the test or reason that covers them, and every README command
-must be one or the other.
+Only what names the user's own files is filled in (a tiny FER2013 CSV at data/fer2013.csv and FER+'s votes for
+it at data/fer2013new.csv, photo.jpg, clip.mp4, the run folder train.py made); training commands get `--epochs 2`
+where they name no schedule. Commands that cannot run here are listed in ELSEWHERE with the test or reason that
+covers them, and every README command must be one or the other.
 """
 
 import re
@@ -12,7 +12,7 @@ import subprocess
 import sys
 
 import cv2
-from conftest import ROOT, synthetic_faces, write_csv
+from conftest import ROOT, synthetic_faces, write_csv, write_ferplus
 from test_testpy_inputs import SAMPLE, make_video
 
 README = ROOT / "README.md"
@@ -61,6 +61,7 @@ def fresh_copy(tmp):
     faces, labels = synthetic_faces(42)
     usage = ["Training"] * 28 + ["PublicTest"] * 7 + ["PrivateTest"] * 7
     write_csv(root / "data" / "fer2013.csv", faces, labels, layout="orig", usage=usage)
+    write_ferplus(root / "data" / "fer2013new.csv", labels, usage)
     shutil.copy(SAMPLE, root / "photo.jpg")
     for folder in ("more_photos", "photos"):
         (root / folder).mkdir()
