@@ -103,24 +103,10 @@ def fuse_for_inference(model):
     return fuse(model.eval()).to(memory_format=torch.channels_last).eval()
 
 
-# A model with several heads can also answer with all of them: their logits averaged, which is one linear layer
-# (the mean of theirs), so the int8 copy and every other path run it as they run one head.
-ALL_HEADS = "both"
-
-
 def answering_with(model, head):
-    """A copy of `model` that answers with extra head `head` (by name), or ALL_HEADS, in place of its own head.
-
-    `model` is unchanged.
-    """
+    """A copy of `model` that answers with extra head `head` (by name) in place of its own; `model` is unchanged."""
     copy = deepcopy(model)
-    if head == ALL_HEADS:
-        heads = [copy.head, *copy.extra_heads.values()]
-        with torch.no_grad():
-            copy.head.weight.copy_(torch.stack([h.weight for h in heads]).mean(0))
-            copy.head.bias.copy_(torch.stack([h.bias for h in heads]).mean(0))
-    else:
-        copy.head = copy.extra_heads[head]
+    copy.head = copy.extra_heads[head]
     copy.extra_heads = nn.ModuleDict()
     return copy
 
@@ -243,26 +229,18 @@ def predict_proba(
 
 
 def head_names(ckpt):
-    """The answers a checkpoint's model can give: its heads, the first the network's own (a one-head model's is
-    named after its labels), and ALL_HEADS where there are several."""
-    names = list(ckpt.get("heads", ["fer2013"]))
-    return names + [ALL_HEADS] if len(names) > 1 else names
-
-
-def default_head(ckpt):
-    """The answer a checkpoint gives unless asked for another (train.py's ANSWER), else its first head."""
-    return ckpt.get("answer", head_names(ckpt)[0])
+    """The names of a checkpoint's heads, the answering one first (a one-head model's is its labels' name)."""
+    return list(ckpt.get("heads", [ckpt.get("labels", "fer2013")]))
 
 
 def model_from_checkpoint(ckpt, device, path="model", head=None):
     """Rebuild the model a checkpoint describes and load its weights, fused for inference (fuse_for_inference).
 
-    `head` names the answer (head_names); None: the checkpoint's default (default_head).
+    `head` names the head that answers (head_names); None: the checkpoint's own answering head.
     """
     names = head_names(ckpt)
-    head = default_head(ckpt) if head is None else head
-    if head not in names:
-        raise UserError(f"--head {head}: model file {path} answers with {', '.join(names)} only; pass one of those")
+    if head is not None and head not in names:
+        raise UserError(f"--head {head}: model file {path} has {' and '.join(names)} only; pass one of those")
     try:
         model = build_model(ckpt["arch"], ckpt.get("arch_args", {}), len(ckpt["class_names"]))
         model.load_state_dict(ckpt["state_dict"])
@@ -271,7 +249,7 @@ def model_from_checkpoint(ckpt, device, path="model", head=None):
             f"model file {path} does not match architecture {ckpt.get('arch')!r} of this code "
             f"({str(e).splitlines()[0][:120]}): retrain with train.py"
         ) from None
-    if head != names[0]:
+    if head is not None and head != names[0]:
         model = answering_with(model, head)
     return fuse_for_inference(model.to(device))
 

@@ -49,16 +49,7 @@ from common import (
     run_main,
 )
 from detection import DETECTORS, FRAMING, PHOTO_DETECT_SIZE, VIDEO_DETECT_SIZE, crop_face, iou, load_detector
-from network import (
-    NORM_MEAN,
-    NORM_STD,
-    default_head,
-    head_names,
-    int8_path,
-    load_int8,
-    model_from_checkpoint,
-    predict_proba,
-)
+from network import NORM_MEAN, NORM_STD, head_names, int8_path, load_int8, model_from_checkpoint, predict_proba
 
 HAAR_FLAGS = ("scale_factor", "min_neighbors", "min_weight", "min_face")
 DEFAULT_MODEL = REPO_ROOT / "models" / "Facial_Emotion_Recognizer.pt"
@@ -244,8 +235,8 @@ class Recognizer:
         self.path = Path(model_path)
         ckpt = load_checkpoint(self.path)
         self.device = device
-        self.heads, self.default_head = head_names(ckpt), default_head(ckpt)
-        self.head = head or self.default_head  # the int8 copy is made of the default answer only
+        self.heads = head_names(ckpt)
+        self.head = head or self.heads[0]  # the int8 copy answers with the model's own (first) head only
         self.model = model_from_checkpoint(ckpt, device, self.path, head=self.head)
         self.classes = list(ckpt["class_names"])
         self.mean, self.std = ckpt.get("mean", NORM_MEAN), ckpt.get("std", NORM_STD)
@@ -259,9 +250,9 @@ class Recognizer:
         """The model's int8 copy (see ENGINES) on `threads` threads, or None where PyTorch classifies."""
         if engine == "pytorch" or (engine == "auto" and self.device.type != "cpu"):
             return None
-        if self.head != self.default_head:
+        if self.head != self.heads[0]:
             if engine == "int8":
-                raise UserError(f"--engine int8: the int8 copy answers as --head {self.default_head}; drop --head")
+                raise UserError(f"--engine int8: the int8 copy answers with the {self.heads[0]} head; drop --head")
             return None
         int8, why = load_int8(self.path, self.classes, threads=threads)
         if int8 is None and engine == "int8":

@@ -59,7 +59,6 @@ from common import (
     set_seed,
 )
 from network import (
-    ALL_HEADS,
     NORM_MEAN,
     NORM_STD,
     PREDICT_BATCH,
@@ -101,10 +100,6 @@ CLASS_WEIGHT_POWER = 0.5  # loss weight (1 / class frequency) ** 0.5: lifts disg
 # one learns each face's vote shares (what ten people saw), the other FER2013's one label; the losses are added.
 # The votes alone lost FER2013's benchmark and posed faces, FER2013's labels alone lost photos (RESULTS.md).
 HEADS = ("ferplus", "fer2013")
-# What a two-head model answers with unless test.py --head says otherwise: both heads' logits averaged
-# (network.ALL_HEADS). On photos it did better than either head alone, and it keeps half of FER2013's posed
-# reading where the votes call more faces neutral (RESULTS.md). The best epoch is still chosen by the FER+ head.
-ANSWER = ALL_HEADS
 # Tone: half the faces get another exposure and contrast, so that the model holds on faces lit, exposed and
 # contrast-enhanced otherwise than FER2013's (photos; the JPEG release's enhanced copy of FER2013).
 TONE_P = 0.5
@@ -721,7 +716,6 @@ def save_epoch(run, epoch, history, best, is_best, first_save):
         "arch": DEFAULT_ARCH,
         "arch_args": run.arch_args,
         "heads": list(run.heads),
-        **({"answer": ANSWER} if len(run.heads) > 1 else {}),
         "class_names": list(classes),
         "input_size": IMAGE_SIZE,
         "mean": NORM_MEAN,
@@ -750,7 +744,6 @@ def save_epoch(run, epoch, history, best, is_best, first_save):
         "arch": DEFAULT_ARCH,
         "arch_args": run.arch_args,
         "heads": list(run.heads),
-        **({"answer": ANSWER} if len(run.heads) > 1 else {}),
         "parameters": run.n_params,
         "class_names": list(classes),
         "best_epoch": best["epoch"],
