@@ -65,7 +65,9 @@ def train_step_fn(model, batch, bf16, device, augment):
         x = augment(to_input(faces), gen).contiguous(memory_format=torch.channels_last)
         # bfloat16 even where the CPU emulates it (train.py then stays in float32): the row shows what it would cost
         with torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
-            loss = F.cross_entropy(model(x).float(), y)
+            logits = model(x)  # a two-head model in training mode answers with each head: one loss each, added
+            heads = logits if isinstance(logits, tuple) else (logits,)
+            loss = sum(F.cross_entropy(h.float(), y) for h in heads)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -103,7 +105,8 @@ def training_flops_per_image(model, batch=32):
     x = torch.randn(batch, 1, 48, 48)
     counter = FlopCounterMode(display=False)
     with counter:
-        model(x).sum().backward()
+        out = model(x)
+        sum(o.sum() for o in (out if isinstance(out, tuple) else (out,))).backward()  # every head, as training
     model.zero_grad(set_to_none=True)
     return counter.get_total_flops() / batch
 

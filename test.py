@@ -783,8 +783,8 @@ def parse_args(argv=None):
     p.add_argument(
         "--head",
         default=None,
-        help="which of the model's heads answers, for a model trained on FER+'s votes: ferplus (what most people "
-        "see) or fer2013 (as FER2013's labels); a head other than the first classifies with PyTorch "
+        help="for a model trained on FER+'s votes, which head answers: ferplus (what most of ten people see) or "
+        "fer2013 (as FER2013's one label a face); the int8 copy is of the first, so another classifies with PyTorch "
         "(default: the model's first, ferplus for the shipped model)",
     )
     p.add_argument(

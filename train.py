@@ -581,7 +581,10 @@ def plot_curves(history, path):
     a1.set_xlabel("epoch")
     a1.set_ylabel("training loss")
     a2.plot(ep, [h["train_acc"] for h in history], label="train (augmented)")
-    a2.plot(ep, [h["val_acc"] for h in history], label="validation")
+    other = sorted({k for h in history for k in h if k.startswith("val_acc_") and k.endswith("_head")})
+    a2.plot(ep, [h["val_acc"] for h in history], label="validation" + (" (answering head)" if other else ""))
+    for k in other:  # a two-head model's second head, on the validation faces' FER2013 labels
+        a2.plot(ep, [h.get(k) for h in history], label=f"validation, {k[8:-5]} head on FER2013's labels")
     a2.set_xlabel("epoch")
     a2.set_ylabel("accuracy")
     a2.legend()
