@@ -286,6 +286,18 @@ PHOTO_NOISE = 0.03  # sensor noise, standard deviation up to 3% of the gray rang
 PHOTO_SCALE = (0.85, 1.15)  # wider than FER2013's own framing jitter: a detector frames faces less alike
 
 
+def toned_pixels(x, r, gamma, contrast, brightness):
+    """Normalised faces x (N, 1, H, W) as gray values with a random gamma exp(U(-gamma, gamma)), contrast U(contrast)
+    around each face's mean and brightness U(-brightness, brightness) added, each drawn by r(n); not clamped."""
+    n = x.shape[0]
+    col = lambda v: v.view(n, 1, 1, 1)  # noqa: E731
+    px = (x * NORM_STD + NORM_MEAN).clamp(0, 1)
+    px = px.pow(col(torch.exp((r(n) * 2 - 1) * gamma)))
+    lo, hi = contrast
+    mean = px.mean((1, 2, 3), keepdim=True)
+    return (px - mean) * col(lo + r(n) * (hi - lo)) + mean + col((r(n) * 2 - 1) * brightness)
+
+
 def photo_look(x, gen):
     """For PHOTO_P of the faces: gamma, contrast and brightness, for some a lower resolution, and a little noise.
 
@@ -294,11 +306,7 @@ def photo_look(x, gen):
     n, size = x.shape[0], x.shape[-1]
     r = lambda *s: torch.rand(*s, generator=gen).to(x.device)  # noqa: E731
     col = lambda v: v.view(n, 1, 1, 1)  # noqa: E731
-    px = (x * NORM_STD + NORM_MEAN).clamp(0, 1)
-    px = px.pow(col(torch.exp((r(n) * 2 - 1) * PHOTO_GAMMA)))
-    lo, hi = PHOTO_CONTRAST
-    mean = px.mean((1, 2, 3), keepdim=True)
-    px = (px - mean) * col(lo + r(n) * (hi - lo)) + mean + col((r(n) * 2 - 1) * PHOTO_BRIGHTNESS)
+    px = toned_pixels(x, r, PHOTO_GAMMA, PHOTO_CONTRAST, PHOTO_BRIGHTNESS)
     low = (r(n) < PHOTO_LOW_RES_P).nonzero().flatten()
     if len(low):
         side = int(PHOTO_LOW_RES[0] + r(1).item() * (PHOTO_LOW_RES[1] - PHOTO_LOW_RES[0]))
@@ -316,14 +324,9 @@ def tone(x, gen, p=TONE_P):
     """
     n = x.shape[0]
     r = lambda *s: torch.rand(*s, generator=gen).to(x.device)  # noqa: E731
-    col = lambda v: v.view(n, 1, 1, 1)  # noqa: E731
-    px = (x * NORM_STD + NORM_MEAN).clamp(0, 1)
-    px = px.pow(col(torch.exp((r(n) * 2 - 1) * TONE_GAMMA)))
-    lo, hi = TONE_CONTRAST
-    mean = px.mean((1, 2, 3), keepdim=True)
-    px = (px - mean) * col(lo + r(n) * (hi - lo)) + mean + col((r(n) * 2 - 1) * TONE_BRIGHTNESS)
+    px = toned_pixels(x, r, TONE_GAMMA, TONE_CONTRAST, TONE_BRIGHTNESS)
     toned = (px.clamp(0, 1) - NORM_MEAN) / NORM_STD
-    return torch.where(col(r(n) < p), toned, x)
+    return torch.where((r(n) < p).view(n, 1, 1, 1), toned, x)
 
 
 def augment(x, gen, max_rotate=10.0, max_shift=0.1, scale=(0.9, 1.1), erase_p=0.5, photo=False):
