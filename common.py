@@ -294,6 +294,8 @@ FERPLUS_COLUMNS = (
 )
 FERPLUS_EMOTION = {"neutral": "neutral", "happiness": "happy", "surprise": "surprise", "sadness": "sad",
                    "anger": "anger", "disgust": "disgust", "fear": "fear"}  # fmt: skip
+# The EMOTIONS id of each FER+ column, -1 for the three that are not one of our emotions.
+FERPLUS_IDS = np.array([EMOTIONS.index(FERPLUS_EMOTION[c]) if c in FERPLUS_EMOTION else -1 for c in FERPLUS_COLUMNS])
 FERPLUS_VOTES_FILE = (
     "ferplus_votes.csv"  # preparation.py --ferplus writes it beside the split folders; train.py reads it
 )
@@ -374,9 +376,8 @@ def ferplus_shares(votes):
     """Each face's vote shares over EMOTIONS (float32, rows sum to 1; all zero where no vote is for one of them)."""
     votes = np.asarray(votes, dtype=np.float64)
     ours = np.zeros((len(votes), len(EMOTIONS)))
-    for j, col in enumerate(FERPLUS_COLUMNS):
-        if col in FERPLUS_EMOTION:
-            ours[:, EMOTIONS.index(FERPLUS_EMOTION[col])] = votes[:, j]
+    mine = FERPLUS_IDS >= 0
+    ours[:, FERPLUS_IDS[mine]] = votes[:, mine]
     total = ours.sum(1, keepdims=True)
     return (ours / np.maximum(total, 1)).astype(np.float32)
 
@@ -384,21 +385,19 @@ def ferplus_shares(votes):
 def ferplus_majority(votes):
     """Per face, the EMOTIONS id that more than half of all its votes went to, else -1 (FER+'s majority faces)."""
     votes = np.asarray(votes)
-    top = votes.argmax(1)
-    ids = np.array([EMOTIONS.index(FERPLUS_EMOTION[c]) if c in FERPLUS_EMOTION else -1 for c in FERPLUS_COLUMNS])
     strict = votes.max(1) * 2 > votes.sum(1)
-    return np.where(strict, ids[top], -1)
+    return np.where(strict, FERPLUS_IDS[votes.argmax(1)], -1)
 
 
 def ferplus_plurality(votes, fallback):
     """Per face, the EMOTIONS id with the most votes (a tie goes to `fallback`, FER2013's label, when it is among the
     tied, else to FERPLUS_COLUMNS' order); -1 where not-a-face, unknown or contempt has more votes than any emotion."""
     votes = np.asarray(votes)
-    ours = [j for j, c in enumerate(FERPLUS_COLUMNS) if c in FERPLUS_EMOTION]
-    ids = np.array([EMOTIONS.index(FERPLUS_EMOTION[FERPLUS_COLUMNS[j]]) for j in ours])
+    ours = FERPLUS_IDS >= 0
+    ids = FERPLUS_IDS[ours]
     mine = votes[:, ours]
     best = mine.max(1)
-    other = np.delete(votes, ours, axis=1).max(1)
+    other = votes[:, ~ours].max(1)
     tied = mine == best[:, None]
     first = ids[tied.argmax(1)]
     fb = np.asarray(fallback)

@@ -229,8 +229,8 @@ def predict_proba(
 
 
 def head_names(ckpt):
-    """The names of a checkpoint's heads, the answering one first (a one-head model's is its labels' name)."""
-    return list(ckpt.get("heads", [ckpt.get("labels", "fer2013")]))
+    """The names of a checkpoint's heads, the answering one first (a model saved before heads had names: fer2013)."""
+    return list(ckpt.get("heads", ["fer2013"]))
 
 
 def model_from_checkpoint(ckpt, device, path="model", head=None):

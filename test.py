@@ -660,6 +660,11 @@ def load_eval_data(path, rec, ferplus=None):
     return faces, np.array([index[n] for n in names]), note, (counts if path.is_dir() else {}), votes
 
 
+def scores(labels, pred, k):
+    """metrics_from_confusion of `k`-class labels and predictions (model order)."""
+    return metrics_from_confusion(np.bincount(labels * k + pred, minlength=k * k).reshape(k, k))
+
+
 def ferplus_scores(probs, votes, classes):
     """The model's answers against FER+'s people: accuracy and macro-F1 on the faces more than half of them agree on
     (FER+'s majority faces), and how far the probabilities are from the vote shares (mean KL divergence, in nats, and
@@ -669,9 +674,7 @@ def ferplus_scores(probs, votes, classes):
     majority = ferplus_majority(votes)
     agreed = majority >= 0
     labels = np.array([to_model[e] for e in majority[agreed]], dtype=np.int64)
-    k = len(classes)
-    cm = np.bincount(labels * k + probs[agreed].argmax(1), minlength=k * k).reshape(k, k)
-    m = metrics_from_confusion(cm)
+    m = scores(labels, probs[agreed].argmax(1), len(classes))
     shares = ferplus_shares(votes)[:, order].astype(np.float64)
     voted = shares.sum(1) > 0
     p = np.clip(probs[voted].astype(np.float64), 1e-7, 1.0)
@@ -700,8 +703,7 @@ def run_eval(rec, path, out, json_path, ferplus=None):
     probs = rec.classify(faces)
     pred = probs.argmax(1)
     seconds = time.perf_counter() - t0
-    k = len(rec.classes)
-    m = metrics_from_confusion(np.bincount(labels * k + pred, minlength=k * k).reshape(k, k))
+    m = scores(labels, pred, len(rec.classes))
     acc, macro, pc = m["accuracy"], m["macro_f1"], m["per_class"]
     print(f"{'':>10} {'precision':>9} {'recall':>9} {'f1':>9} {'support':>9}")
     for i, c in enumerate(rec.classes):
@@ -713,10 +715,10 @@ def run_eval(rec, path, out, json_path, ferplus=None):
     fp = ferplus_scores(probs, votes, rec.classes) if votes is not None else None
     if fp is not None:
         print(
-            f"FER+ majority ({fp['faces']} faces more than half of ten people agree on): "
-            f"accuracy {fp['accuracy']:.4f}, "
-            f"macro-F1 {fp['macro_f1']:.4f}; against the vote shares of {fp['vote_faces']} faces: "
-            f"KL divergence {fp['kl_divergence']:.3f}, total variation {fp['total_variation']:.3f}"
+            f"FER+ majority ({fp['faces']} faces more than half of ten people agree on): accuracy "
+            f"{fp['accuracy']:.4f}, macro-F1 {fp['macro_f1']:.4f}; "
+            f"against the vote shares of {fp['vote_faces']} faces: KL divergence {fp['kl_divergence']:.3f}, "
+            f"total variation {fp['total_variation']:.3f}"
         )
     cm_path = out / f"confusion_{Path(path).name.split('.')[0]}.png"
     plot_confusion(

@@ -570,6 +570,15 @@ def evaluate(model, faces, labels, device, bf16, n_classes=None, procs=Dist()):
 # Outputs
 
 
+def other_heads(entry):
+    """{head name: validation accuracy} of a history entry's heads beside the answering one (run_epoch's keys)."""
+    return {
+        k[len("val_acc_") : -len("_head")]: v
+        for k, v in entry.items()
+        if k.startswith("val_acc_") and k.endswith("_head")
+    }
+
+
 def plot_curves(history, path):
     """Training loss and train/validation accuracy per epoch."""
     # Imported here: matplotlib takes about a second to import, paid once, at the end of a run.
@@ -584,10 +593,10 @@ def plot_curves(history, path):
     a1.set_xlabel("epoch")
     a1.set_ylabel("training loss")
     a2.plot(ep, [h["train_acc"] for h in history], label="train (augmented)")
-    other = sorted({k for h in history for k in h if k.startswith("val_acc_") and k.endswith("_head")})
+    other = sorted({name for h in history for name in other_heads(h)})
     a2.plot(ep, [h["val_acc"] for h in history], label="validation" + (" (answering head)" if other else ""))
-    for k in other:  # a two-head model's second head, on the validation faces' FER2013 labels
-        a2.plot(ep, [h.get(k) for h in history], label=f"validation, {k[8:-5]} head on FER2013's labels")
+    for name in other:  # a two-head model's second head, on the validation faces' FER2013 labels
+        a2.plot(ep, [other_heads(h).get(name) for h in history], label=f"validation, {name} head on FER2013's labels")
     a2.set_xlabel("epoch")
     a2.set_ylabel("accuracy")
     a2.legend()
@@ -1039,11 +1048,7 @@ def train(args, device, procs, resumed=None, backup=None):
                 f"epoch {epoch + 1:3d}/{args.epochs}  loss {entry['train_loss']:.4f}"
                 f"  train acc {entry['train_acc']:.4f}"
                 f"  val acc {entry['val_acc']:.4f}  macro-F1 {entry['val_macro_f1']:.4f}"
-                + "".join(
-                    f"  {k[8:-5]} head {v:.4f}"
-                    for k, v in entry.items()
-                    if k.startswith("val_acc_") and k.endswith("_head")
-                )
+                + "".join(f"  {name} head {acc:.4f}" for name, acc in other_heads(entry).items())
                 + f"  {entry['seconds']:.0f}s"
                 f" ({entry['images_per_s']:.0f} img/s){'  *best' if is_best else ''}",
                 flush=True,
@@ -1204,15 +1209,13 @@ def run_epoch(run, data, faces, labels, *, epoch, progress):
     t0 = time.time()
     loss, acc, seen = train_one_epoch(run, faces, labels, epoch=epoch, progress=progress)
     seconds = time.time() - t0
-    with_tta, without = evaluate(
-        run.ema.module,
-        data.val_faces,
-        data.val_labels,
-        run.device,
-        run.args.bf16,
-        n_classes=len(data.classes),
-        procs=run.procs,
-    )
+
+    def score(model, labels):
+        return evaluate(
+            model, data.val_faces, labels, run.device, run.args.bf16, n_classes=len(data.classes), procs=run.procs
+        )
+
+    with_tta, without = score(run.ema.module, data.val_labels)
     entry = {
         "epoch": epoch + 1,
         "train_loss": loss,
@@ -1226,15 +1229,7 @@ def run_epoch(run, data, faces, labels, *, epoch, progress):
     other = {}  # the second head, on the validation faces' FER2013 labels
     if len(run.heads) > 1 and data.val_fer2013 is not None:
         head = run.heads[1]
-        other, _ = evaluate(
-            answering_with(run.ema.module, head),
-            data.val_faces,
-            data.val_fer2013,
-            run.device,
-            run.args.bf16,
-            n_classes=len(data.classes),
-            procs=run.procs,
-        )
+        other, _ = score(answering_with(run.ema.module, head), data.val_fer2013)
         entry[f"val_acc_{head}_head"] = other["accuracy"]
     metrics = {
         "validation_set": data.val_name,
