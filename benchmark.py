@@ -28,8 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from common import REPO_ROOT, load_checkpoint, read_csv, run_main
-from detection import VIDEO_DETECT_SIZE, letterbox
+from common import REPO_ROOT, load_checkpoint, read_csv, read_image, run_main
+from detection import VIDEO_DETECT_SIZE, FaceTracker, letterbox
+from drawing import annotate
 from network import build_model, cpu_has_bf16, model_from_checkpoint, predict_proba, to_input
 
 
@@ -305,7 +306,7 @@ def main(args):
         f"without it {len(faces) / sn:8.0f}; {results['engine']} with the mirror image {len(faces) / si:8.0f}"
     )
 
-    bgr = testpy.read_image(args.photo)
+    bgr = read_image(args.photo)
     boxes = rec.boxes(bgr)
     sd = median_time(lambda: rec.boxes(bgr), args.runs)
     gray = testpy.to_gray(bgr)
@@ -321,10 +322,10 @@ def main(args):
         testpy.INFERENCE_THREADS, lambda: testpy.Recognizer(args.model, device, detect_size=VIDEO_DETECT_SIZE)
     )
     frame = letterbox(bgr, 640, 480)  # the photo as a 640x480 video frame
-    tracker = testpy.FaceTracker(video.classes)
+    tracker = FaceTracker(video.classes)
 
     def video_frame(runs):
-        frame_time = lambda: median_time(lambda: testpy.annotate(frame, tracker.update(video.faces_in(frame))), runs)  # noqa: E731
+        frame_time = lambda: median_time(lambda: annotate(frame, tracker.update(video.faces_in(frame))), runs)  # noqa: E731
         return with_threads(testpy.INFERENCE_THREADS, frame_time)
 
     sv = video_frame(args.runs * 4)

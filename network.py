@@ -7,7 +7,6 @@ common.py so that each of the two reads in one sitting.
 import hashlib
 import json
 import logging
-import os
 import tempfile
 import warnings
 from contextlib import nullcontext
@@ -20,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.fx.experimental.optimization import fuse
 
-from common import UserError, beside_model, load_checkpoint
+from common import UserError, atomic_write, beside_model, load_checkpoint
 
 # Gray values are scaled to [0, 1], then standardised with these (FER2013's own statistics,
 # rounded); the checkpoint carries them so a model always gets the input it was trained on.
@@ -126,8 +125,8 @@ def cpu_has_bf16():
     """True where the CPU runs bfloat16 natively (AVX-512 BF16 or AMX), so autocast pays off.
 
     Not oneDNN's own test (torch.ops.mkldnn._is_mkldnn_bf16_supported): that is also true on AVX-512
-    CPUs without BF16, which emulate it, and there bfloat16 autocast trained at 2/3 of float32's speed
-    (an Ice Lake Xeon, 2026-12-01). Where torch cannot tell (an older torch, not x86), float32.
+    CPUs without BF16, which emulate it more slowly than float32 trains (RESULTS.md). Where torch cannot
+    tell (an older torch, not x86), float32.
     """
     native = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
     try:
@@ -136,16 +135,22 @@ def cpu_has_bf16():
         return False
 
 
-def autocast_for(device, enabled=True):
-    """bfloat16 autocast where the device runs it fast, else a no-op context."""
+def autocast_dtype(device, enabled=True):
+    """The precision rule: bfloat16 where the device runs it natively (a CPU with AVX-512 BF16 or AMX, a GPU
+    with bfloat16), float16 on a GPU without it, None (float32) elsewhere or when not `enabled`."""
     if not enabled:
-        return nullcontext()
+        return None
     if device.type == "cpu" and cpu_has_bf16():
-        return torch.autocast("cpu", dtype=torch.bfloat16)
+        return torch.bfloat16
     if device.type == "cuda":
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.autocast("cuda", dtype=dtype)
-    return nullcontext()
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return None
+
+
+def autocast_for(device, enabled=True):
+    """Autocast to autocast_dtype(device, enabled), or a no-op context where that is float32."""
+    dtype = autocast_dtype(device, enabled)
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -329,7 +334,7 @@ def write_int8(model_path, faces, out=None, n_calibration=CALIBRATION_FACES):
             return next(self.batches, None)
 
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".int8-") as tmp:
-        fp32, int8, final = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx", Path(tmp) / "final.onnx"
+        fp32, int8 = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
         with warnings.catch_warnings():
             # The TorchScript exporter is deprecated (the new one needs onnxscript), and the mirror image's Slice
             # cannot be constant-folded: neither is the user's concern.
@@ -375,8 +380,8 @@ def write_int8(model_path, faces, out=None, n_calibration=CALIBRATION_FACES):
                 "calibration_faces": str(len(pick)),
             },
         )
-        onnx.save(onnx_model, final)
-        os.replace(final, out)
+        with atomic_write(out) as tmp_out:
+            onnx.save(onnx_model, tmp_out)
     return out
 
 

@@ -46,6 +46,7 @@ from common import (
     read_csv,
     read_ferplus,
     run_main,
+    write_votes,
 )
 
 matplotlib.use("Agg")  # before pyplot: plots are files, and a machine without a display must draw them too
@@ -116,15 +117,6 @@ def ferplus_labels(args, labels, usage, bad, rows):
         f"{int(out.sum())} left out, their votes mostly for another answer ({why or 'none'})"
     )
     return votes, folder, line
-
-
-def write_votes(path, written, labels, votes):
-    """<out>/ferplus_votes.csv: each written image's path, FER2013 label and FER+'s ten votes."""
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["image", "fer2013", *FERPLUS_COLUMNS])
-        for i, name in written.items():
-            w.writerow([name, EMOTIONS[labels[i]], *votes[i].tolist()])
 
 
 def plot_distribution(counts, path):

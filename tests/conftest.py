@@ -65,6 +65,10 @@ def write_ferplus(path, labels, usage, seed=0):
     return Path(path)
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "int8: a training test that checks the int8 copy, so train.py writes it")
+
+
 @pytest.fixture(scope="session")
 def preparation():
     return load_script("preparation")

@@ -5,12 +5,11 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 from conftest import ROOT, synthetic_faces, write_csv
 
-from common import load_checkpoint
+from common import confusion_matrix, load_checkpoint, load_image_folder, metrics_from_confusion
 from network import model_from_checkpoint, predict_proba
 
 pytestmark = pytest.mark.skipif(
@@ -61,9 +60,15 @@ def run_two(data, out):
     )
 
 
-def test_two_processes_write_one_checkpoint_that_a_single_process_confirms(data, tmp_path, train):
-    out = tmp_path / "m" / "ddp.pt"
-    r = run_two(data, out)
+@pytest.fixture(scope="module")
+def two_process_run(data, tmp_path_factory):
+    """The two-process job every test here compares against, run once: (model file, torchrun's result)."""
+    out = tmp_path_factory.mktemp("two") / "m" / "ddp.pt"
+    return out, run_two(data, out)
+
+
+def test_two_processes_write_one_checkpoint_that_a_single_process_confirms(data, two_process_run):
+    out, r = two_process_run
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("epoch   2/2") == 1, "logs come from rank 0 only"
     assert "2 processes (torchrun)" in r.stdout
@@ -82,37 +87,21 @@ def test_two_processes_write_one_checkpoint_that_a_single_process_confirms(data,
     metrics = json.loads(out.with_name("ddp.metrics.json").read_text())
     assert metrics["processes"] == 2 and metrics["validation"]["n"] == 28
     # The same weights scored in one process, on the same validation folder, give the recorded figures.
-    faces, labels, classes, _ = train.load_image_folder(data / "Test data", progress=False)
+    faces, labels, classes, _, _ = load_image_folder(data / "Test data", progress=False)
     assert classes == ck["class_names"]
     pred = predict_proba(model, faces, torch.device("cpu"), tta=True).argmax(1).numpy()
-    single = train.metrics_from_confusion(np.bincount(labels * 7 + pred, minlength=49).reshape(7, 7))
+    single = metrics_from_confusion(confusion_matrix(labels, pred, 7), classes)
     assert abs(single["accuracy"] - ck["metrics"]["accuracy"]) <= 1 / 28 + 1e-9
     assert abs(single["accuracy"] - metrics["validation"]["accuracy"]) <= 1 / 28 + 1e-9
 
 
-def test_same_seed_same_processes_same_weights(data, tmp_path):
-    a, b = tmp_path / "a" / "m.pt", tmp_path / "b" / "m.pt"
-    for out in (a, b):
-        r = run_two(data, out)
-        assert r.returncode == 0, r.stderr[-3000:]
-    sa, sb = (
-        load_checkpoint(a.with_name("m.last.pt"))["state_dict"],
-        load_checkpoint(b.with_name("m.last.pt"))["state_dict"],
-    )
-    assert all(torch.equal(sa[k], sb[k]) for k in sa)
-
-
-def test_metrics_from_confusion_match_scikit_learn(train):
-    from sklearn.metrics import f1_score, precision_recall_fscore_support
-
-    rng = np.random.default_rng(0)
-    y, p = rng.integers(0, 7, 300), rng.integers(0, 6, 300)  # class 6 never predicted: precision 0
-    y[y == 5] = 4  # class 5 never true: recall 0
-    m = train.metrics_from_confusion(np.bincount(y * 7 + p, minlength=49).reshape(7, 7))
-    pr, rc, f1, _ = precision_recall_fscore_support(y, p, labels=range(7), zero_division=0)
-    assert np.allclose(m["per_class"]["precision"], pr) and np.allclose(m["per_class"]["recall"], rc)
-    assert np.allclose(m["per_class"]["f1"], f1) and m["accuracy"] == pytest.approx((y == p).mean())
-    assert m["macro_f1"] == pytest.approx(f1_score(y, p, labels=range(7), average="macro", zero_division=0))
+def test_same_seed_same_processes_same_weights(data, tmp_path, two_process_run):
+    a, first = two_process_run
+    b = tmp_path / "b" / "ddp.pt"
+    r = run_two(data, b)
+    assert first.returncode == 0 and r.returncode == 0, r.stderr[-3000:]
+    sa, sb = (load_checkpoint(p.with_name("ddp.last.pt"))["state_dict"] for p in (a, b))
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
 INTERRUPT_AFTER_FIRST_EPOCH = """
@@ -131,17 +120,17 @@ run_main(train.main, train.parse_args(sys.argv[1:]))
 """
 
 
-def test_resume_under_torchrun_matches_uninterrupted_run(data, tmp_path):
+def test_resume_under_torchrun_matches_uninterrupted_run(data, tmp_path, two_process_run):
     script = tmp_path / "interrupted_train.py"
     script.write_text(INTERRUPT_AFTER_FIRST_EPOCH.format(root=str(ROOT)))
     args = ["--data", data / "Train data", "--epochs", "2", "--batch-size", "8", "--no-progress", "--seed", "5"]
-    whole = tmp_path / "whole" / "m.pt"
-    assert run_two(data, whole).returncode == 0
+    whole, first = two_process_run
+    assert first.returncode == 0
     cut = tmp_path / "cut" / "m.pt"
     r = torchrun(*args, "--out", cut, script=script)
     assert r.returncode != 0 and load_checkpoint(cut.with_name("m.last.pt"))["epoch"] == 1, r.stderr[-2000:]
     r = torchrun(*args, "--out", cut, "--resume", cut.with_name("m.last.pt"))
     assert r.returncode == 0, r.stderr[-3000:]
-    a, b = load_checkpoint(whole.with_name("m.last.pt")), load_checkpoint(cut.with_name("m.last.pt"))
+    a, b = load_checkpoint(whole.with_name("ddp.last.pt")), load_checkpoint(cut.with_name("m.last.pt"))
     assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
     assert all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"])

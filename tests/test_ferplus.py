@@ -269,52 +269,41 @@ def test_skip_bad_drops_the_same_rows_of_the_votes(kaggle, preparation, tmp_path
 
 def test_read_votes(train, prepared, kaggle, tmp_path):
     out, _, _ = prepared
-    faces, labels, classes, _, paths = train.load_image_folder(out / "Train data", progress=False, with_paths=True)
-    shares, fer2013 = train.read_votes(out / "Train data", paths, classes)
+    faces, labels, classes, _, paths = common.load_image_folder(out / "Train data", progress=False)
+    shares, fer2013 = common.read_votes(out / "Train data", paths, classes)
     assert [Path(p).parent.name for p in paths] == [classes[t] for t in labels]
     rows = [int(Path(p).stem) for p in paths]
     assert [classes[t] for t in fer2013] == [EMOTIONS[kaggle["labels"][i]] for i in rows]
     assert (fer2013 != labels).any()  # the disagreeing faces' folders are FER+'s
     want = common.ferplus_shares(kaggle["votes"][rows])[:, [EMOTIONS.index(c) for c in classes]]
     assert np.allclose(shares, want) and np.allclose(shares.sum(1), 1)
-    assert train.read_votes(tmp_path, paths, classes) is None  # no votes file beside tmp_path
+    assert common.read_votes(tmp_path, paths, classes) is None  # no votes file beside tmp_path
     copy = tmp_path / "ds"
     shutil.copytree(out, copy)
     lines = (copy / "ferplus_votes.csv").read_text().splitlines()
     (copy / "ferplus_votes.csv").write_text("\n".join(lines[:-1]) + "\n")
     copied = [copy / Path(p).relative_to(out) for p in paths]
     with pytest.raises(UserError, match="has no votes for .*run preparation.py --ferplus again"):
-        train.read_votes(copy / "Train data", copied, classes)
-
-
-def test_mixup_is_refused_with_votes(train, prepared, tmp_path):
-    out, _, _ = prepared
-    args = ["--data", str(out / "Train data"), "--out", str(tmp_path / "m.pt"), "--mixup", "0.2", "--no-progress"]
-    with pytest.raises(UserError, match="--mixup"):
-        train.main(train.parse_args([*args, "--device", "cpu"]))
+        common.read_votes(copy / "Train data", copied, classes)
 
 
 def test_two_head_run(train, testpy, prepared, tmp_path, monkeypatch, capsys):
     out, _, _ = prepared
     monkeypatch.setattr(train, "write_int8_copy", lambda *a, **k: None)
-    real_f, targets = train.F, []
+    real_cross_entropy, targets = torch.nn.functional.cross_entropy, []
 
-    class SpyF:  # train.py's torch.nn.functional, recording each loss's targets
-        def __getattr__(self, name):
-            return getattr(real_f, name)
+    def spy(logits, target, *args, **kwargs):  # what train.py's loss modules call: record each loss's targets
+        targets.append(target.detach().cpu().numpy())
+        return real_cross_entropy(logits, target, *args, **kwargs)
 
-        def cross_entropy(self, logits, target, **kwargs):
-            targets.append(target.detach().cpu().numpy())
-            return real_f.cross_entropy(logits, target, **kwargs)
-
-    monkeypatch.setattr(train, "F", SpyF())
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", spy)
     model = tmp_path / "m.pt"
     args = ["--data", str(out / "Train data"), "--out", str(model), "--epochs", "1", "--max-batches", "2"]
     train.main(train.parse_args([*args, "--batch-size", "16", "--no-progress", "--device", "cpu"]))
     assert "FER+'s votes" in capsys.readouterr().out
     # each batch: the answering head against vote shares, the other against the same faces' FER2013 labels
-    _, _, classes, _, paths = train.load_image_folder(out / "Train data", progress=False, with_paths=True)
-    shares, fer2013 = train.read_votes(out / "Train data", paths, classes)
+    _, _, classes, _, paths = common.load_image_folder(out / "Train data", progress=False)
+    shares, fer2013 = common.read_votes(out / "Train data", paths, classes)
     faces_known = {(tuple(np.round(s, 4)), int(y)) for s, y in zip(shares, fer2013)}
     assert len(targets) == 4 and all(t.dtype == np.float32 and t.shape == (16, 7) for t in targets[::2])
     for soft, hard in zip(targets[::2], targets[1::2]):

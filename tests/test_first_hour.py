@@ -8,7 +8,7 @@ import sys
 import cv2
 import pytest
 import torch
-from conftest import ROOT, synthetic_faces, write_csv
+from conftest import ROOT, load_script, synthetic_faces, write_csv
 from test_testpy_inputs import SAMPLE, make_video
 
 import common
@@ -16,10 +16,14 @@ from common import EMOTIONS, UserError
 
 
 @pytest.mark.parametrize("script", ["preparation.py", "train.py", "test.py", "benchmark.py"])
-@pytest.mark.parametrize("flag", ["--help", "-h"])
-def test_every_script_prints_its_help(script, flag):
-    r = subprocess.run([sys.executable, str(ROOT / script), flag], capture_output=True, text=True)
+def test_every_script_prints_its_help(script, capsys):
+    """--help from a terminal; -h, argparse's other spelling of it, in this process: the same text."""
+    r = subprocess.run([sys.executable, str(ROOT / script), "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.startswith("usage:") and "--" in r.stdout and not r.stderr, r.stderr
+    module = load_script(script[:-3])
+    with pytest.raises(SystemExit) as e:
+        module.parse_args(["-h"])
+    assert e.value.code == 0 and capsys.readouterr().out.split("options:")[1] == r.stdout.split("options:")[1]
 
 
 def test_eval_of_a_kaggle_csv_scores_only_rows_not_marked_training(testpy, tiny_model, tmp_path, capsys):

@@ -119,7 +119,7 @@ def test_the_shipped_copy_was_made_from_the_shipped_model():
 
 
 def test_the_shipped_copy_answers_as_pytorch_on_the_sample_photo(testpy):
-    photo = testpy.read_image(ROOT / "samples" / "grace_hopper.jpg")
+    photo = common.read_image(ROOT / "samples" / "grace_hopper.jpg")
     fast, slow = testpy.Recognizer(SHIPPED, CPU), testpy.Recognizer(SHIPPED, CPU, engine="pytorch")
     a, b = fast.faces_in(photo), slow.faces_in(photo)
     assert fast.int8 is not None and len(a) == len(b) == 1

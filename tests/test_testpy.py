@@ -9,6 +9,7 @@ import torch
 from conftest import ROOT, run_cli, synthetic_faces, write_csv
 from PIL import Image
 
+import common
 from common import EMOTIONS
 
 SAMPLE = ROOT / "samples" / "grace_hopper.jpg"
@@ -28,11 +29,11 @@ def test_read_image_modes(testpy, tmp_path):
         "tiny.png": Image.new("RGB", (1, 1), (10, 20, 30)),
     }
     for name, img in cases.items():
-        out = testpy.read_image(save(img, tmp_path / name))
+        out = common.read_image(save(img, tmp_path / name))
         assert out.dtype == np.uint8 and out.ndim == 3 and out.shape[2] == 3, name
     deep = np.arange(48 * 64, dtype=np.uint16).reshape(48, 64) * 20
     cv2.imwrite(str(tmp_path / "deep.png"), deep)
-    out = testpy.read_image(tmp_path / "deep.png")
+    out = common.read_image(tmp_path / "deep.png")
     assert out.shape == (48, 64, 3) and out.max() > 200 and out[..., 0].min() == 0  # scaled, not clipped
 
 
@@ -41,7 +42,7 @@ def test_read_image_applies_exif_rotation(testpy, tmp_path):
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90 degrees clockwise when shown
     path = save(img, tmp_path / "phone.jpg", exif=exif.tobytes())
-    assert testpy.read_image(path).shape == (60, 40, 3)
+    assert common.read_image(path).shape == (60, 40, 3)
 
 
 @pytest.mark.parametrize(
@@ -58,7 +59,7 @@ def test_read_image_errors(testpy, tmp_path, case, message):
         data = SAMPLE.read_bytes()
         path.write_bytes(data[: len(data) // 2])
     with pytest.raises(testpy.ImageReadError, match=message):
-        testpy.read_image(path)
+        common.read_image(path)
 
 
 def test_photos_annotated_and_errors_reported(tiny_model, tmp_path):

@@ -1,4 +1,4 @@
-"""test.py as an everyday tool: folders, structured output, video, camera, --no-detect, detection quality."""
+"""test.py as an everyday tool: folders, structured output, video, camera, --detector none, detection quality."""
 
 import csv
 import json
@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import ROOT, SHARED, run_cli
 
+import common
 import detection
 from common import EMOTIONS
 
@@ -72,12 +73,13 @@ def Path_name(p):
     return p.replace("\\", "/").rsplit("/", 1)[-1]
 
 
-def test_no_detect_treats_image_as_a_face(tiny_model, tmp_path):
+def test_detector_none_treats_image_as_a_face(tiny_model, tmp_path):
     crop = tmp_path / "crop.png"
-    cv2.imwrite(str(crop), np.full((48, 48), 90, np.uint8))
-    r = run_cli(crop, "--no-detect", "--model", tiny_model, "--out", tmp_path / "out", "--json", tmp_path / "c.json")
+    cv2.imwrite(str(crop), np.full((48, 60), 90, np.uint8))
+    out, js = tmp_path / "out", tmp_path / "c.json"
+    r = run_cli(crop, "--detector", "none", "--model", tiny_model, "--out", out, "--json", js)
     assert r.returncode == 0, r.stderr
-    assert json.loads((tmp_path / "c.json").read_text())[0]["box"] == [0, 0, 48, 48]
+    assert [f["box"] for f in json.loads(js.read_text())] == [[0, 0, 60, 48]]
 
 
 def make_video(path, frames=12, size=(320, 240)):
@@ -129,7 +131,7 @@ def test_camera_missing_is_a_clear_error(tiny_model):
     "args, needle",
     [
         (["--video", "missing.mp4"], "not found"),
-        (["x.jpg", "--detector", "haar", "--scale-factor", "1.0"], "--scale-factor must be above 1.0"),
+        (["x.jpg", "--no-detect"], "--no-detect is gone: use --detector none"),
         (["x.jpg", "--video", "y.mp4"], "one at a time"),
         (["x.jpg", "--detect-size", "10"], "--detect-size must be at least 24"),
     ],
@@ -146,7 +148,7 @@ def test_huge_photo_is_searched_downscaled(testpy, tiny_model, tmp_path):
     path = tmp_path / "big.jpg"
     cv2.imwrite(str(path), big)
     rec = testpy.Recognizer(tiny_model, torch.device("cpu"))
-    faces = rec.faces_in(testpy.read_image(path))
+    faces = rec.faces_in(common.read_image(path))
     assert len(faces) == 1 and faces[0]["box"][0] > 3000 and faces[0]["box"][2] > 500
 
 
@@ -165,7 +167,7 @@ def detection_scores(testpy, name, **settings):
     found = false = duplicate = 0
     for image, truth in boxes.items():
         matched = set()
-        for d in detector.detect(testpy.read_image(FACES_DEV / image)):
+        for d in detector.detect(common.read_image(FACES_DEV / image)):
             j = max(range(len(truth)), key=lambda k: iou(d, truth[k]))
             if iou(d, truth[j]) < 0.3:
                 false += 1
@@ -192,7 +194,7 @@ def test_detection_quality_holds(testpy):
 )
 def test_collage_has_one_box_per_face(testpy):
     """bald_guys.jpg: 24 faces by a person's count; before merging, Haar drew two boxes on some of them."""
-    boxes = detection.load_detector("retinaface").detect(testpy.read_image(FACES_DEV / "bald_guys.jpg"))
+    boxes = detection.load_detector("retinaface").detect(common.read_image(FACES_DEV / "bald_guys.jpg"))
     assert len(boxes) == 24
     assert all(iou(a, b) < 0.3 for i, a in enumerate(boxes) for b in boxes[i + 1 :])
 
@@ -214,11 +216,11 @@ def test_eval_of_photos_counts_faces_and_finds_one_in_nearly_every_photo(testpy,
     assert res["accuracy"] >= 0.52, res["accuracy"]  # the figure in RESULTS.md, less a few photos of slack
 
 
-def test_haar_settings_need_the_haar_detector(testpy, capsys):
+@pytest.mark.parametrize("flag", ["--min-neighbors", "--scale-factor=1.2", "--min-weight", "--min-face"])
+def test_the_haar_tuning_flags_are_gone_with_a_word(testpy, capsys, flag):
     with pytest.raises(SystemExit):
-        testpy.parse_args(["x.jpg", "--min-neighbors", "5"])
-    assert "--min-neighbors is a Haar cascade setting: add --detector haar" in capsys.readouterr().err
-    assert testpy.parse_args(["x.jpg", "--detector", "haar", "--min-neighbors", "5"]).haar == {"min_neighbors": 5}
+        testpy.parse_args(["x.jpg", "--detector", "haar", flag] + ([] if "=" in flag else ["5"]))
+    assert f"{flag.split('=')[0]} is gone: --detector haar searches with the same settings" in capsys.readouterr().err
 
 
 def test_detect_size_defaults_by_mode(testpy):

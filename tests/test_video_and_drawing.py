@@ -9,7 +9,9 @@ import torch
 from conftest import ROOT, SHARED, run_cli
 from test_testpy_inputs import make_video
 
+import drawing
 from common import EMOTIONS
+from detection import SMOOTH_FRAMES, FaceTracker
 
 STILL = SHARED / "faces_dev" / "2008_002079.jpg"  # six small faces whose answers are close calls
 
@@ -20,8 +22,8 @@ def face(box, probs):
     return {"box": list(box), "emotion": k, "confidence": p[k], "probabilities": p}
 
 
-def test_tracker_keeps_ids_and_averages_answers(testpy):
-    tracker = testpy.FaceTracker(list(EMOTIONS), window=3, margin=0.0)
+def test_tracker_keeps_ids_and_averages_answers():
+    tracker = FaceTracker(list(EMOTIONS), window=3, margin=0.0)
     happy, sad = [0, 0, 0, 0.9, 0.1, 0, 0], [0, 0, 0, 0.2, 0.8, 0, 0]
     first = tracker.update([face((10, 10, 50, 50), happy), face((200, 10, 50, 50), happy)])
     assert [f["id"] for f in first] == [1, 2]
@@ -36,8 +38,8 @@ def test_tracker_keeps_ids_and_averages_answers(testpy):
     assert third[0]["id"] == 2 and third[0]["emotion"] == "sad"  # (0.9 + 0.2 + 0.2) / 3 < (0.1 + 0.8 + 0.8) / 3
 
 
-def test_a_near_tie_keeps_the_label(testpy):
-    tracker = testpy.FaceTracker(list(EMOTIONS), window=1, margin=0.05)
+def test_a_near_tie_keeps_the_label():
+    tracker = FaceTracker(list(EMOTIONS), window=1, margin=0.05)
     tracker.update([face((10, 10, 50, 50), [0, 0, 0, 0.50, 0.48, 0, 0])])
     held = tracker.update([face((10, 10, 50, 50), [0, 0, 0, 0.48, 0.50, 0, 0])])
     assert held[0]["emotion"] == "happy" and held[0]["raw_emotion"] == "sad"
@@ -66,7 +68,7 @@ def test_a_still_face_keeps_its_label():
         ROOT / "models" / "Facial_Emotion_Recognizer.pt", torch.device("cpu"), detect_size=tool.testpy.VIDEO_DETECT_SIZE
     )
     out = tool.measure(rec, STILL)
-    raw, smoothed = out[1], out[tool.testpy.SMOOTH_FRAMES]
+    raw, smoothed = out[1], out[SMOOTH_FRAMES]
     assert raw[2] == smoothed[2] == 6, "six faces, each followed under one id"
     assert raw[0] / raw[1] > 0.05, raw  # the clip is a hard one: raw answers flicker
     assert smoothed[0] / smoothed[1] <= 0.01, smoothed
@@ -76,11 +78,11 @@ def rect_overlap(a, b):
     return max(0, min(a[2], b[2]) - max(a[0], b[0])) * max(0, min(a[3], b[3]) - max(a[1], b[1]))
 
 
-def test_labels_cover_no_other_face_nor_each_other(testpy):
+def test_labels_cover_no_other_face_nor_each_other():
     # A row of touching faces and one under them: the hard case for labels above and below boxes.
     boxes = [(100 + 60 * i, 100, 55, 55) for i in range(5)] + [(160, 160, 55, 55)]
     faces = [face(b, [0, 0, 0, 0.9, 0.1, 0, 0]) for b in boxes]
-    layout = testpy.label_layout(faces, (400, 600, 3))
+    layout = drawing.label_layout(faces, (400, 600, 3))
     rects = [lab["rect"] for lab in layout]
     for i, r in enumerate(rects):
         assert all(rect_overlap(r, (x, y, x + w, y + h)) == 0 for j, (x, y, w, h) in enumerate(boxes) if j != i)
@@ -88,7 +90,7 @@ def test_labels_cover_no_other_face_nor_each_other(testpy):
         assert 0 <= r[0] < r[2] <= 600 and 0 <= r[1] < r[3] <= 400
 
 
-def test_a_label_on_a_tight_crop_leaves_the_face_visible(testpy):
+def test_a_label_on_a_tight_crop_leaves_the_face_visible():
     # The face fills the photo, so there is no room above or under its box: the label must shrink to fit over
     # the forehead, not cover the eyes and mouth.
     # The last: a large face at the top edge of a larger photo, whose label goes beside or under it instead.
@@ -98,16 +100,16 @@ def test_a_label_on_a_tight_crop_leaves_the_face_visible(testpy):
         (900, (30, 0, 840, 900)),
         (1000, (300, 0, 300, 300)),
     ):
-        lab = testpy.label_layout([face(box, [0, 0, 0, 0, 0, 1, 0])], (size, size, 3))[0]
-        core = testpy.face_core(box)
+        lab = drawing.label_layout([face(box, [0, 0, 0, 0, 0, 1, 0])], (size, size, 3))[0]
+        core = drawing.face_core(box)
         assert rect_overlap(lab["rect"], core) == 0, (size, lab["rect"])
         x, y, w, h = box
         assert core[1] - y >= 0.2 * h and core[3] - y >= 0.9 * h  # the core reaches from above the eyes to the chin
 
 
-def test_text_and_lines_grow_with_the_image(testpy):
-    small = testpy.label_layout([face((10, 10, 40, 40), [1, 0, 0, 0, 0, 0, 0])], (300, 400, 3))[0]
-    large = testpy.label_layout([face((10, 10, 40, 40), [1, 0, 0, 0, 0, 0, 0])], (3000, 4000, 3))[0]
+def test_text_and_lines_grow_with_the_image():
+    small = drawing.label_layout([face((10, 10, 40, 40), [1, 0, 0, 0, 0, 0, 0])], (300, 400, 3))[0]
+    large = drawing.label_layout([face((10, 10, 40, 40), [1, 0, 0, 0, 0, 0, 0])], (3000, 4000, 3))[0]
     assert large["scale"] >= 4000 / 1600 - 1e-9 > small["scale"]  # a small face's label stays legible on a big photo
-    img = testpy.annotate(np.full((300, 400, 3), 255, np.uint8), [face((100, 100, 80, 80), [0] * 6 + [1])])
+    img = drawing.annotate(np.full((300, 400, 3), 255, np.uint8), [face((100, 100, 80, 80), [0] * 6 + [1])])
     assert (img[100, 120] == 0).all() or (img[99, 120] == 0).all()  # neutral's light box has a dark outline

@@ -11,7 +11,6 @@ the int8 copy, as test.py scores them.
 """
 
 import argparse
-import importlib.util
 import sys
 import time
 from pathlib import Path
@@ -21,7 +20,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from common import EMOTIONS, held_out_rows, load_checkpoint, read_csv, run_main  # noqa: E402
+from common import load_checkpoint, load_image_folder, load_labelled, run_main  # noqa: E402
 from network import NORM_MEAN, NORM_STD, load_int8, model_from_checkpoint, predict_proba, write_int8  # noqa: E402
 
 
@@ -46,11 +45,8 @@ def parse_args(argv=None):
 
 
 def main(args):
-    spec = importlib.util.spec_from_file_location("fer_train", ROOT / "train.py")
-    train = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train)
     ckpt = load_checkpoint(args.model, missing_hint="pass --model")
-    faces, _, _, _ = train.load_image_folder(args.data, progress=False)
+    faces = load_image_folder(args.data, progress=False)[0]
     t = time.perf_counter()
     out = write_int8(args.model, faces)
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, {time.perf_counter() - t:.1f} s)")
@@ -60,11 +56,8 @@ def main(args):
     if int8 is None:
         raise SystemExit(f"error: {why}")
     mean, std = ckpt.get("mean", NORM_MEAN), ckpt.get("std", NORM_STD)
-    faces, ids, usage, _ = read_csv(args.check, progress=False)
-    rows, _ = held_out_rows(args.check, usage)
-    if rows is not None:
-        faces, ids = faces[rows], ids[rows]
-    labels = np.array([list(ckpt["class_names"]).index(EMOTIONS[i]) for i in ids])
+    check = load_labelled(args.check, ckpt["class_names"], flag="--check", lacks="the model lacks", progress=False)
+    faces, labels = check.faces, check.labels
     ref = predict_proba(model_from_checkpoint(ckpt, torch.device("cpu")), faces, torch.device("cpu"), mean, std)
     ref = ref.numpy()
     p = int8.predict_proba(faces)

@@ -19,7 +19,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from detection import letterbox  # noqa: E402
+from detection import SMOOTH_FRAMES, VIDEO_DETECT_SIZE, letterbox  # noqa: E402
 
 spec = importlib.util.spec_from_file_location("fer_test", ROOT / "test.py")  # `import test` is Python's own package
 testpy = importlib.util.module_from_spec(spec)
@@ -51,7 +51,7 @@ def label_changes(records):
     return changes, sum(map(len, by_face.values())), len(by_face)
 
 
-def measure(rec, photo, smooth_values=(1, testpy.SMOOTH_FRAMES)):
+def measure(rec, photo, smooth_values=(1, SMOOTH_FRAMES)):
     """{smooth: (changes, face-frames, faces)} for a still clip of `photo`."""
     with tempfile.TemporaryDirectory() as tmp:
         clip = still_clip(photo, Path(tmp) / "still.mp4")
@@ -67,7 +67,7 @@ def main():
     p.add_argument("photos", nargs="+", type=Path, help="photos to turn into still clips")
     p.add_argument("--model", type=Path, default=testpy.DEFAULT_MODEL, help="model file (default: the shipped one)")
     args = p.parse_args()
-    rec = testpy.Recognizer(args.model, torch.device("cpu"), detect_size=testpy.VIDEO_DETECT_SIZE)
+    rec = testpy.Recognizer(args.model, torch.device("cpu"), detect_size=VIDEO_DETECT_SIZE)
     for photo in args.photos:
         for smooth, (changes, n, faces) in measure(rec, photo).items():
             print(
