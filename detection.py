@@ -327,3 +327,26 @@ class FaceTracker:
                 probabilities={c: float(v) for c, v in zip(self.classes, mean)},
             )
         return faces
+
+
+def clock(seconds):
+    """'1:32' for 92.4 seconds; hours as '1:02:03'."""
+    s = int(seconds)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+
+
+def track_summaries(records, classes):
+    """Per followed face (FaceTracker's ids), the most frames first: when it was seen, in how many frames, and
+    each emotion's share of those frames (its smoothed answer; shares in descending order, zeros left out)."""
+    by_id = {}
+    for r in records:
+        by_id.setdefault(r["id"], []).append(r)
+    summaries = []
+    for tid, rows in sorted(by_id.items(), key=lambda kv: (-len(kv[1]), kv[0])):
+        counts = {c: sum(r["emotion"] == c for r in rows) for c in classes}
+        shares = {c: n / len(rows) for c, n in sorted(counts.items(), key=lambda kv: -kv[1]) if n}
+        first, last = rows[0]["time"], rows[-1]["time"]
+        line = f"face {tid}, {clock(first)}-{clock(last)}, {len(rows):,} frame{'s' if len(rows) > 1 else ''}: "
+        line += ", ".join(f"{c} {s:.0%}" for c, s in shares.items())
+        summaries.append({"id": tid, "first": first, "last": last, "frames": len(rows), "shares": shares, "line": line})
+    return summaries

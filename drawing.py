@@ -1,8 +1,11 @@
 """Drawing on photos and frames: a box and an 'emotion confidence' label on each face, placed so that no label
-covers another face or label. Shared by test.py and benchmark.py.
+covers another face or label (test.py and benchmark.py); and --eval's sheet of the model's mistakes.
 """
 
 import cv2
+import numpy as np
+
+from common import atomic_write
 
 # One saturated BGR colour per emotion, so the same emotion always has the same box colour; each box is
 # drawn over a dark outline, so it shows on light and dark backgrounds alike.
@@ -109,3 +112,91 @@ def annotate(bgr, faces, note=None):
         cv2.putText(img, note, (8, 24), cv2.FONT_HERSHEY_SIMPLEX, 0.7, (0, 0, 0), 4, cv2.LINE_AA)
         cv2.putText(img, note, (8, 24), cv2.FONT_HERSHEY_SIMPLEX, 0.7, (0, 255, 0), 2, cv2.LINE_AA)
     return img
+
+
+# ---------------------------------------------------------------------------------------------
+# test.py --eval's sheet of mistakes
+
+SHEET_CELL = 96  # px a face crop is drawn at (nearest-neighbour from 48: the pixels the model saw)
+SHEET_PER_CLASS = 8  # the most confident mistakes shown for each true emotion
+SHEET_LABEL_WIDTH = 190  # px of the left column naming the row's true emotion
+
+
+def most_confident_mistakes(labels, probs, per_class=SHEET_PER_CLASS):
+    """For each class k (rows of `probs`' columns), the indices of faces labelled k that the model answered
+    otherwise, most confident answer first, at most `per_class`; and the number of such faces."""
+    predicted, confidence = probs.argmax(1), probs.max(1)
+    rows = []
+    for k in range(probs.shape[1]):
+        wrong = np.flatnonzero((labels == k) & (predicted != k))
+        rows.append((wrong[np.argsort(-confidence[wrong], kind="stable")][:per_class], len(wrong)))
+    return rows
+
+
+def _text(img, text, org, scale, color, stroke=1, width=None):
+    """`text` at `org`, its scale lowered until it fits in `width` px where one is given."""
+    while width and scale > 0.3 and cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, stroke)[0][0] > width:
+        scale -= 0.05
+    cv2.putText(img, text, org, cv2.FONT_HERSHEY_SIMPLEX, scale, color, stroke, cv2.LINE_AA)
+
+
+def mistakes_sheet(crops, labels, probs, classes, title, per_class=SHEET_PER_CLASS):
+    """A BGR contact sheet: a row per true emotion (classes order) of its most confident mistakes, each face crop
+    as the model saw it under the emotion it answered and its confidence; returns (image, the rows drawn)."""
+    rows = most_confident_mistakes(labels, probs, per_class)
+    cell, caption, top = SHEET_CELL, 26, 40
+    img = np.full(
+        (top + len(classes) * (cell + caption + 8), SHEET_LABEL_WIDTH + per_class * (cell + 4)), 255, np.uint8
+    )
+    img = cv2.cvtColor(img, cv2.COLOR_GRAY2BGR)
+    _text(img, title, (8, 26), 0.6, (0, 0, 0), width=img.shape[1] - 16)
+    for r, (k, (shown, wrong)) in enumerate(zip(classes, rows)):
+        y = top + r * (cell + caption + 8)
+        _text(img, f"true: {k}", (8, y + cell // 2), 0.65, (0, 0, 0), 2)
+        _text(img, f"{wrong} of {int((labels == r).sum())} wrong", (8, y + cell // 2 + 26), 0.5, (60, 60, 60))
+        for c, i in enumerate(shown):
+            x = SHEET_LABEL_WIDTH + c * (cell + 4)
+            face = cv2.resize(np.asarray(crops[i], np.uint8), (cell, cell), interpolation=cv2.INTER_NEAREST)
+            img[y : y + cell, x : x + cell] = face[..., None]
+            answer = classes[int(probs[i].argmax())]
+            cv2.rectangle(img, (x, y + cell), (x + cell - 1, y + cell + caption), COLORS.get(answer, (0, 255, 0)), -1)
+            _text(img, f"{answer} {probs[i].max():.0%}", (x + 4, y + cell + 18), 0.5, (0, 0, 0), width=cell - 8)
+    return img, rows
+
+
+# ---------------------------------------------------------------------------------------------
+# --video's and --camera's timeline
+
+TIMELINE_FACES = 4  # the faces seen longest get a panel each; the rest are in the summary only
+
+
+def plot_timeline(records, summaries, classes, path, title):
+    """A PNG with a panel per face seen longest (TIMELINE_FACES at most): its smoothed probability of each emotion
+    over the seconds of the clip, in the colours its boxes have, headed by its summary line."""
+    # Imported here: matplotlib is slow to import and only the end of a video needs it.
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display needed
+    import matplotlib.pyplot as plt
+
+    shown = summaries[:TIMELINE_FACES]
+    n = max(1, len(shown))
+    fig, axes = plt.subplots(n, 1, figsize=(11, 2.4 * n + 0.6), squeeze=False, sharex=True)
+    for ax, s in zip(axes[:, 0], shown):
+        rows = [r for r in records if r["id"] == s["id"]]
+        t = [r["time"] for r in rows]
+        for c in classes:
+            b, g, r = COLORS.get(c, (0, 200, 0))
+            rgb = (0.45, 0.45, 0.45) if c == "neutral" else (r / 255, g / 255, b / 255)  # the white box: gray on paper
+            ax.plot(t, [row["probabilities"][c] for row in rows], color=rgb, lw=1.6, label=c)
+        ax.set(ylim=(0, 1), ylabel="probability", title=s["line"])
+        ax.title.set_fontsize(9)
+    if not shown:
+        axes[0, 0].text(0.5, 0.5, "no face was found in any frame", ha="center", va="center")
+    axes[-1, 0].set(xlabel="seconds", xlim=(0, max([r["time"] for r in records], default=0) or 1))
+    axes[0, 0].legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    with atomic_write(path) as tmp:
+        fig.savefig(tmp, dpi=110)
+    plt.close(fig)

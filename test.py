@@ -15,7 +15,9 @@ its answer averaged over the last --smooth frames, so a still face keeps its lab
 """
 
 import argparse
+import contextlib
 import csv
+import json
 import os
 import sys
 import time
@@ -24,6 +26,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from common import (
     DEVICES,
@@ -56,8 +59,9 @@ from detection import (
     FaceTracker,
     crop_face,
     load_detector,
+    track_summaries,
 )
-from drawing import annotate
+from drawing import annotate, mistakes_sheet, plot_timeline
 from network import NORM_MEAN, NORM_STD, head_names, int8_path, load_int8, model_from_checkpoint, predict_proba
 
 DEFAULT_MODEL = REPO_ROOT / "models" / "Facial_Emotion_Recognizer.pt"
@@ -76,6 +80,8 @@ REMOVED_FLAGS = {"--no-detect": "use --detector none", **dict.fromkeys(
 # The int8 copy runs on two threads that sleep when idle (network.Int8Model): ahead of one thread on an idle
 # 2-core machine, and still with another program holding a core (RESULTS.md, "Speed").
 INT8_THREADS = 2
+PHOTO_LINES = 20  # up to this many photos get a line per face; more get one progress bar (the records have it all)
+PROGRESS_FILE = "photos_done.jsonl"  # a line per finished photo, for --skip-done after an interrupted run
 
 
 def to_gray(bgr):
@@ -115,11 +121,8 @@ class Recognizer:
         if int8 is None and engine == "int8":
             raise UserError(f"--engine int8: {why}; write it with python tools/export_int8.py --model {self.path}")
         if int8 is None and int8_path(self.path).exists():  # a copy that is there but unusable: say so, once
-            print(
-                f"note: {why}, so PyTorch classifies (slower); rewrite it with "
-                f"python tools/export_int8.py --model {self.path}",
-                file=sys.stderr,
-            )
+            rewrite = f"rewrite it with python tools/export_int8.py --model {self.path}"
+            print(f"note: {why}, so PyTorch classifies (slower); {rewrite}", file=sys.stderr)
         return int8
 
     @property
@@ -219,10 +222,11 @@ def check_writable(path, flag, out=None):
         raise UserError(f"{flag} {path}: folder {path.parent} does not exist; create it or pass another path")
 
 
-def write_records(records, json_path, csv_path, classes):
-    """One record per face (a photo with no face: one record with box None) as JSON and/or CSV."""
+def write_records(records, json_path, csv_path, classes, summaries=None):
+    """One record per face (a photo with no face: one record with box None) as JSON and/or CSV; a video's JSON is
+    {"faces": its summaries, "frames": the records}."""
     if json_path:
-        write_json(records, json_path, indent=1)
+        write_json(records if summaries is None else {"faces": summaries, "frames": records}, json_path, indent=1)
     if csv_path:
         extra = [k for k in ("frame", "time", "id") if any(k in r for r in records)]
         raw = [k for k in ("raw_emotion", "raw_confidence") if any(k in r for r in records)]
@@ -246,38 +250,68 @@ def write_records(records, json_path, csv_path, classes):
                 )
 
 
-def run_photos(recognizer, photos, out):
-    """Annotate each photo into `out`; returns (records, number of unreadable photos)."""
-    records, failed, used, done = [], 0, set(), 0
-    for photo in photos:
-        photo = Path(photo)
-        try:
-            bgr = read_image(photo)
-        except ImageReadError as e:
-            print(f"error: {photo} {e}; skipped", file=sys.stderr)
-            failed += 1
-            continue
-        dest = output_path(out, photo, used)
-        try:
-            faces = recognizer.faces_in(bgr)
-            with atomic_write(dest) as tmp:
-                if not cv2.imwrite(str(tmp), annotate(bgr, faces)):
-                    raise UserError(f"could not write {dest}: check --out and free disk space")
-        except KeyboardInterrupt:
-            raise Interrupted(
-                f"{done} of {len(photos)} photos were annotated into {out}, each file whole; "
-                "--json and --csv were not written"
-            ) from None
-        done += 1
-        if not faces:
-            print(f"{photo}: no face found")
-            records.append(
-                {"file": str(photo), "box": None, "emotion": None, "confidence": None, "probabilities": None}
-            )
-        for i, f in enumerate(faces, 1):
-            x, y, w, h = f["box"]
-            print(f"{photo}: face {i} at ({x}, {y}, {w}x{h}): {f['emotion']} {f['confidence']:.0%}")
-            records.append({"file": str(photo), **f})
+def write_image(dest, bgr):
+    """An image file written whole (atomic_write), in the format its extension names."""
+    with atomic_write(dest) as tmp:
+        if not cv2.imwrite(str(tmp), bgr):
+            raise UserError(f"could not write {dest}: check --out and free disk space")
+
+
+def read_progress(path):
+    """{photo: (its annotated copy, its records)} from a PROGRESS_FILE; a line cut short by a kill is skipped."""
+    done = {}
+    with contextlib.suppress(FileNotFoundError), open(path) as f:
+        for line in f:
+            with contextlib.suppress(ValueError, KeyError, TypeError):
+                entry = json.loads(line)
+                done[entry["photo"]] = (entry["annotated"], entry["records"])
+    return done
+
+
+def run_photos(recognizer, photos, out, skip_done=False):
+    """Annotate each photo into `out`, recording each in <out>/PROGRESS_FILE as it is done (with `skip_done`, the
+    photos recorded there by an earlier run are skipped); returns (records, number of unreadable photos)."""
+    progress = out / PROGRESS_FILE
+    earlier = read_progress(progress) if skip_done else {}
+    records, failed, used, done, lines = (
+        [],
+        0,
+        {Path(a).name for a, _ in earlier.values()},
+        0,
+        len(photos) <= PHOTO_LINES,
+    )
+    with open(progress, "a" if skip_done else "w") as log:
+        bar = tqdm(photos, unit=" photo", disable=lines, smoothing=0.05, desc="photos")
+        for photo in map(Path, bar):
+            try:
+                if str(photo) in earlier:
+                    records += earlier[str(photo)][1]
+                    continue
+                try:
+                    bgr = read_image(photo)
+                except ImageReadError as e:
+                    (print if lines else bar.write)(f"error: {photo} {e}; skipped", file=sys.stderr)
+                    failed += 1
+                    continue
+                dest = output_path(out, photo, used)
+                faces = recognizer.faces_in(bgr)
+                write_image(dest, annotate(bgr, faces))
+            except KeyboardInterrupt:
+                raise Interrupted(
+                    f"{done} of {len(photos)} photos were annotated into {out}, each file whole, and recorded in "
+                    f"{progress}; --json and --csv were not written: run the same command with --skip-done to finish"
+                ) from None
+            none = {"box": None, "emotion": None, "confidence": None, "probabilities": None}
+            mine = [{"file": str(photo), **f} for f in faces] or [{"file": str(photo), **none}]
+            log.write(json.dumps({"photo": str(photo), "annotated": str(dest), "records": mine}) + "\n")
+            log.flush()
+            records += mine
+            done += 1
+            if lines and not faces:
+                print(f"{photo}: no face found")
+            for i, f in enumerate(faces if lines else [], 1):
+                x, y, w, h = f["box"]
+                print(f"{photo}: face {i} at ({x}, {y}, {w}x{h}): {f['emotion']} {f['confidence']:.0%}")
     return records, failed
 
 
@@ -335,16 +369,25 @@ def run_video(recognizer, video, out, smooth=SMOOTH_FRAMES):
         raise Interrupted(f"{dest} and its frame table were left as they were") from None
     finally:
         cap.release()
-    write_records(records, None, out / f"{video.stem}_frames.csv", recognizer.classes)
-    print(
-        f"{video}: {frames} frames, {len(records)} faces, {frames / seconds:.1f} frames/s -> {dest}, "
-        f"{out / (video.stem + '_frames.csv')}"
-    )
-    return records
+    table = out / f"{video.stem}_frames.csv"
+    write_records(records, None, table, recognizer.classes)
+    print(f"{video}: {frames} frames, {len(records)} faces, {frames / seconds:.1f} frames/s -> {dest}, {table}")
+    return records, summarise(records, recognizer, out / f"{video.stem}_timeline.png", video.name)
 
 
-def run_camera(recognizer, index, smooth=SMOOTH_FRAMES):
-    """A live window on camera `index` with boxes, labels and frames per second; q quits."""
+def summarise(records, recognizer, timeline, name):
+    """Print a line per followed face and draw the timeline PNG; returns the summaries (track_summaries)."""
+    summaries = track_summaries(records, recognizer.classes)
+    for s in summaries:
+        print(s["line"])
+    plot_timeline(records, summaries, recognizer.classes, timeline, f"{recognizer.path.name} on {name}")
+    print(f"timeline: {timeline}")
+    return summaries
+
+
+def run_camera(recognizer, index, out, smooth=SMOOTH_FRAMES):
+    """A live window on camera `index` with boxes, labels and frames per second; q quits. Then, as for a video,
+    a line per face and <out>/camera<index>_timeline.png."""
     cap = cv2.VideoCapture(index)
     if not cap.isOpened():
         raise UserError(f"--camera {index}: no camera found at that index (try 0, or check it is connected)")
@@ -354,7 +397,7 @@ def run_camera(recognizer, index, smooth=SMOOTH_FRAMES):
         return (cv2.waitKey(1) & 0xFF) != ord("q")
 
     try:
-        run_stream(recognizer, cap, f"camera {index}", show=show, smooth=smooth)
+        records, _, _ = run_stream(recognizer, cap, f"camera {index}", show=show, smooth=smooth)
     except cv2.error:
         raise UserError(
             "--camera needs a display and OpenCV with GUI support: install opencv-python "
@@ -366,7 +409,7 @@ def run_camera(recognizer, index, smooth=SMOOTH_FRAMES):
             cv2.destroyAllWindows()
         except cv2.error:
             pass
-    return []
+    return summarise(records, recognizer, out / f"camera{index}_timeline.png", f"camera {index}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -470,10 +513,19 @@ def run_eval(recognizer, path, out, json_path, ferplus=None):
             f"against the vote shares of {fp['vote_faces']} faces: KL divergence {fp['kl_divergence']:.3f}, "
             f"total variation {fp['total_variation']:.3f}"
         )
-    cm_path = out / f"confusion_{name.split('.')[0]}.png"
+    cm_path, sheet_path = (out / f"{kind}_{name.split('.')[0]}.png" for kind in ("confusion", "mistakes"))
     title = f"{recognizer.path.name} on {name}: recall per class, accuracy {m['accuracy']:.1%}"
     plot_confusion(m["confusion"], classes, cm_path, True, title)
-    print(f"confusion matrix: {cm_path}")
+    title = f"{recognizer.path.name} on {name}: the most confident mistakes; a row per true emotion"
+    sheet, rows = mistakes_sheet(data.faces, data.labels, probs, classes, title)
+    write_image(sheet_path, sheet)
+    print(f"confusion matrix: {cm_path}; the mistakes to look at: {sheet_path}")
+    shown = []  # what the sheet shows, row by row, for --json
+    for k, (picked, _) in enumerate(rows):
+        for i in picked:
+            where = {"file": str(data.paths[i])} if data.paths else {}
+            answer, confidence = classes[int(probs[i].argmax())], float(probs[i].max())
+            shown.append({"index": int(i), "true": classes[k], "predicted": answer, "confidence": confidence, **where})
     result = {
         "accuracy": m["accuracy"],
         "macro_f1": m["macro_f1"],
@@ -485,6 +537,7 @@ def run_eval(recognizer, path, out, json_path, ferplus=None):
         **counts,
         "confusion": m["confusion"],
         "per_class": m["per_class"],
+        "mistakes": {"sheet": str(sheet_path), "shown": shown},
     }
     if fp is not None:
         result["ferplus"] = fp
@@ -498,52 +551,26 @@ def run_eval(recognizer, path, out, json_path, ferplus=None):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Find faces and name each face's emotion, or score the model.")
-    p.add_argument("inputs", nargs="*", type=Path, help="photos and folders of photos (searched recursively)")
-    p.add_argument("--video", type=Path, default=None, metavar="FILE", help="annotate a video file (default: none)")
-    p.add_argument(
-        "--camera", type=int, default=None, metavar="N", help="live window on camera N; q quits (default: none)"
+    add = p.add_argument
+    add("inputs", nargs="*", type=Path, help="photos and folders of photos (searched recursively)")
+    add("--video", type=Path, metavar="FILE", help="annotate a video file (default: none)")
+    add("--camera", type=int, metavar="N", help="live window on camera N; q quits (default: none)")
+    ev = "score the model on a FER2013 CSV or a folder of emotion folders: a report, the confusion matrix and the "
+    add("--eval", type=Path, metavar="PATH", help=ev + "most confident mistakes as PNGs (default: off)")
+    fp = "with --eval of a FER2013 CSV: also score against FER+'s votes for its rows (fer2013new.csv) (default: none)"
+    add("--ferplus", type=Path, metavar="FILE", help=fp)
+    head = "for a model trained on FER+'s votes, which head answers: ferplus (what most of ten people see) or fer2013 "
+    head += "(as FER2013's one label a face); the int8 copy is of the first, so another classifies with PyTorch "
+    add("--head", help=head + "(default: the model's first, ferplus for the shipped model)")
+    out = "folder for annotated images, videos, frame tables, timelines and plots (default: outputs/)"
+    add("--out", type=Path, default=REPO_ROOT / "outputs", help=out)
+    add(
+        "--json", type=Path, metavar="FILE", help="write one record per face (or --eval scores) as JSON (default: none)"
     )
-    p.add_argument(
-        "--eval",
-        type=Path,
-        default=None,
-        metavar="PATH",
-        help="score the model on a FER2013 CSV or a folder of emotion subfolders (default: off)",
-    )
-    p.add_argument(
-        "--ferplus",
-        type=Path,
-        default=None,
-        metavar="FILE",
-        help="with --eval of a FER2013 CSV: also score against FER+'s votes for its rows (fer2013new.csv) "
-        "(default: none)",
-    )
-    p.add_argument(
-        "--head",
-        default=None,
-        help="for a model trained on FER+'s votes, which head answers: ferplus (what most of ten people see) or "
-        "fer2013 (as FER2013's one label a face); the int8 copy is of the first, so another classifies with PyTorch "
-        "(default: the model's first, ferplus for the shipped model)",
-    )
-    p.add_argument(
-        "--out",
-        type=Path,
-        default=REPO_ROOT / "outputs",
-        help="folder for annotated images, videos, frame tables and plots (default: outputs/)",
-    )
-    p.add_argument(
-        "--json",
-        type=Path,
-        default=None,
-        metavar="FILE",
-        help="write one record per face (or --eval scores) as JSON (default: none)",
-    )
-    p.add_argument(
-        "--csv", type=Path, default=None, metavar="FILE", help="write one row per face as CSV (default: none)"
-    )
-    p.add_argument(
-        "--model", type=Path, default=DEFAULT_MODEL, help="model file (default: models/Facial_Emotion_Recognizer.pt)"
-    )
+    add("--csv", type=Path, metavar="FILE", help="write one row per face as CSV (default: none)")
+    skip = f"photos: skip those an earlier run recorded in <out>/{PROGRESS_FILE}, e.g. after Ctrl-C (default: redo all)"
+    add("--skip-done", action="store_true", help=skip)
+    add("--model", type=Path, default=DEFAULT_MODEL, help="model file (default: models/Facial_Emotion_Recognizer.pt)")
     p.add_argument(
         "--detector",
         choices=DETECTORS,
@@ -626,42 +653,34 @@ def classifier_settings(args):
 
 
 def main(args):
-    out = args.out if args.camera is None else None  # --camera writes no --out folder
-    check_writable(args.json, "--json", out)
-    check_writable(args.csv, "--csv", out)
-    if args.camera is None:
-        prepare_out_dir(args.out)
+    check_writable(args.json, "--json", args.out)
+    check_writable(args.csv, "--csv", args.out)
+    prepare_out_dir(args.out)
     device = choose_device(args.device)
     engine, threads = classifier_settings(args)
     if threads:
         torch.set_num_threads(threads)
-    recognizer = Recognizer(
-        args.model,
-        device,
-        detector=args.detector,
-        detect_size=args.detect_size,
-        engine=engine,
-        threads=args.threads,
-        head=args.head,
-    )
+    settings = {"detector": args.detector, "detect_size": args.detect_size, "engine": engine, "head": args.head}
+    recognizer = Recognizer(args.model, device, threads=args.threads, **settings)
     if args.eval is not None:
         return run_eval(recognizer, args.eval, args.out, args.json, args.ferplus)
     if args.camera is not None:
-        return run_camera(recognizer, args.camera, args.smooth)
+        return run_camera(recognizer, args.camera, args.out, args.smooth)
+    summaries = None
     if args.video is not None:
-        records, failed, total = run_video(recognizer, args.video, args.out, args.smooth), 0, 1
+        (records, summaries), failed, total = run_video(recognizer, args.video, args.out, args.smooth), 0, 1
     else:
         photos, skipped = expand_inputs(args.inputs)
         if skipped:
             print(f"skipped {skipped} files that are not images ({', '.join(IMAGE_EXTENSIONS)})")
         if not photos:
             raise UserError(f"no images found in {', '.join(map(str, args.inputs))}")
-        records, failed = run_photos(recognizer, photos, args.out)
+        records, failed = run_photos(recognizer, photos, args.out, args.skip_done)
         total = len(photos)
         n_faces = sum(r["box"] is not None for r in records)
         if failed < total:
             print(f"{total - failed} photos, {n_faces} faces; annotated copies in {args.out}")
-    write_records(records, args.json, args.csv, recognizer.classes)
+    write_records(records, args.json, args.csv, recognizer.classes, summaries)
     for path in (args.json, args.csv):
         if path:
             print(f"wrote {path}")

@@ -8,7 +8,7 @@ import sys
 import cv2
 import pytest
 import torch
-from conftest import ROOT, load_script, synthetic_faces, write_csv
+from conftest import ROOT, load_script, run_cli, synthetic_faces, write_csv
 from test_testpy_inputs import SAMPLE, make_video
 
 import common
@@ -87,4 +87,39 @@ def test_interrupted_photos_say_how_many_were_annotated(testpy, tiny_model, tmp_
     with pytest.raises(SystemExit):
         common.run_main(lambda a: testpy.run_photos(rec, photos, tmp_path), None)
     assert f"1 of 3 photos were annotated into {tmp_path}, each file whole" in capsys.readouterr().err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["grace_hopper_emotions.jpg"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["grace_hopper_emotions.jpg", testpy.PROGRESS_FILE]
+
+
+def small_photos(folder, n):
+    """`n` copies of the sample photo, shrunk (detection takes less), named p00.jpg, p01.jpg, ..."""
+    folder.mkdir()
+    small = cv2.resize(cv2.imread(str(SAMPLE)), (160, 240), interpolation=cv2.INTER_AREA)
+    return [p for i in range(n) if cv2.imwrite(str(p := folder / f"p{i:02d}.jpg"), small)]
+
+
+def test_many_photos_get_a_progress_bar_and_an_interrupted_run_finishes_with_skip_done(testpy, tiny_model, tmp_path):
+    photos = small_photos(tmp_path / "in", testpy.PHOTO_LINES + 5)
+    out, js = tmp_path / "out", tmp_path / "all.json"
+    r = run_cli(tmp_path / "in", "--model", tiny_model, "--out", out, "--json", js)
+    assert r.returncode == 0, r.stderr
+    assert f"{len(photos)}/{len(photos)}" in r.stderr and ": face 1 at" not in r.stdout  # one bar, no line a face
+    whole = json.loads(js.read_text())
+    assert len(whole) == len(photos) and len((out / testpy.PROGRESS_FILE).read_text().splitlines()) == len(photos)
+    # Killed at the 10th photo: the 9 before are annotated and recorded; --skip-done does only the rest.
+    rec = testpy.Recognizer(tiny_model, torch.device("cpu"))
+    interrupt_on(rec, 10)
+    again = tmp_path / "again"
+    again.mkdir()
+    with pytest.raises(KeyboardInterrupt, match=f"9 of {len(photos)} photos .*the same command with --skip-done"):
+        testpy.run_photos(rec, photos, again)
+    with open(again / testpy.PROGRESS_FILE, "a") as f:
+        f.write('{"photo": "cut short by the kil')  # a line a kill cut in half is not a photo done
+    rec = testpy.Recognizer(tiny_model, torch.device("cpu"))
+    seen = []
+    real = rec.faces_in
+    rec.faces_in = lambda bgr: seen.append(1) or real(bgr)
+    records, failed = testpy.run_photos(rec, photos, again, skip_done=True)
+    assert failed == 0 and len(seen) == len(photos) - 9
+    key = lambda rs: [(r["file"], r["box"], r["emotion"]) for r in rs]  # noqa: E731
+    assert key(records) == key(whole) and len(records) >= len(photos)
+    assert sorted(p.name for p in again.glob("*.jpg")) == sorted(p.name for p in out.glob("*.jpg"))

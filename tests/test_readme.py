@@ -107,6 +107,7 @@ def test_every_readme_command_runs(tmp_path):
         ran.append(cmd)
     assert len(ran) >= 12 and covered, (ran, covered)
     assert (root / "outputs" / "clip_emotions.mp4").exists() and (root / "faces.json").exists()
+    assert (root / "outputs" / "clip_timeline.png").stat().st_size and list((root / "outputs").glob("mistakes_*.png"))
     assert (root / "face_datasets" / "Final test data").is_dir()
     assert list((root / "models").glob("Facial_Emotion_Recognizer.*.bak.pt")), "--replace keeps the old model"
 

@@ -1,6 +1,7 @@
 """test.py: reading any photo, annotating faces, bad inputs, and --eval."""
 
 import json
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -10,6 +11,7 @@ from conftest import ROOT, run_cli, synthetic_faces, write_csv
 from PIL import Image
 
 import common
+import drawing
 from common import EMOTIONS
 
 SAMPLE = ROOT / "samples" / "grace_hopper.jpg"
@@ -112,3 +114,33 @@ def test_eval_csv_and_folder(testpy, tiny_model, tmp_path, preparation):
         abs(res["accuracy"] - float((probs.argmax(1) == [rec.classes.index(EMOTIONS[y]) for y in labels]).mean()))
         < 1e-9
     )
+
+
+def test_eval_writes_the_mistakes_sheet_it_reports_for_a_csv_and_a_folder(testpy, tiny_model, tmp_path, preparation):
+    """The sheet shows, per true emotion, the most confident wrong answers; --json lists what it shows."""
+    faces, labels = synthetic_faces(70, seed=4)
+    csv = write_csv(tmp_path / "v.csv", faces, labels)
+    preparation.main(preparation.parse_args(["--csv", str(csv), "--out", str(tmp_path / "ds"), "--no-progress"]))
+    rec = testpy.Recognizer(tiny_model, torch.device("cpu"))
+    for source in (csv, tmp_path / "ds" / "Train data"):
+        out = tmp_path / source.stem
+        out.mkdir()
+        res = testpy.run_eval(rec, source, out, out / "s.json")
+        saved = json.loads((out / "s.json").read_text())
+        assert saved["mistakes"] == res["mistakes"] and Path(saved["mistakes"]["sheet"]).parent == out
+        sheet = cv2.imread(saved["mistakes"]["sheet"])
+        assert sheet.shape[0] > 7 * drawing.SHEET_CELL and sheet.shape[1] > drawing.SHEET_PER_CLASS * 96
+        shown = saved["mistakes"]["shown"]
+        assert shown and all(s["true"] != s["predicted"] for s in shown)
+        for emotion, v in res[
+            "per_class"
+        ].items():  # per row: its mistakes, at most SHEET_PER_CLASS, most confident first
+            row = [s["confidence"] for s in shown if s["true"] == emotion]
+            wrong = round(v["support"] * (1 - v["recall"]))
+            assert len(row) == min(wrong, drawing.SHEET_PER_CLASS) and row == sorted(row, reverse=True), emotion
+        if source.is_dir():
+            assert all(Path(s["file"]).parent.name == s["true"] for s in shown)
+        else:  # the faces it names are the CSV's, answered as the model answers them
+            probs = rec.classify(faces[[s["index"] for s in shown]])
+            assert [rec.classes[k] for k in probs.argmax(1)] == [s["predicted"] for s in shown]
+            assert [EMOTIONS[labels[s["index"]]] for s in shown] == [s["true"] for s in shown]

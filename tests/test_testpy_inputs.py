@@ -103,9 +103,22 @@ def test_video_writes_annotated_video_and_frame_table(tiny_model, tmp_path):
     cap = cv2.VideoCapture(str(tmp_path / "out" / "clip_emotions.mp4"))
     assert int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) == 12
     rows = list(csv.DictReader(open(tmp_path / "out" / "clip_frames.csv")))
-    records = json.loads((tmp_path / "v.json").read_text())
+    saved = json.loads((tmp_path / "v.json").read_text())
+    records = saved["frames"]
     assert len(rows) == len(records) >= 10  # the face is found in (nearly) every frame
     assert records[0]["frame"] == 0 and records[-1]["time"] == pytest.approx(records[-1]["frame"] / 10, abs=1e-3)
+    # The summary, printed and in --json, counts what the frame table says, face by face.
+    by_id = {}
+    for row in rows:
+        by_id.setdefault(row["id"], []).append(row["emotion"])
+    assert [str(f["id"]) for f in saved["faces"]] == sorted(by_id, key=lambda i: -len(by_id[i]))
+    for face in saved["faces"]:
+        seen = by_id[str(face["id"])]
+        assert face["frames"] == len(seen) and sum(face["shares"].values()) == pytest.approx(1)
+        assert face["shares"] == {e: pytest.approx(seen.count(e) / len(seen)) for e in set(seen)}
+        assert face["line"] in r.stdout and f"{len(seen):,} frames" in face["line"]
+    timeline = cv2.imread(str(tmp_path / "out" / "clip_timeline.png"))
+    assert timeline is not None and timeline.shape[1] > 800 and "timeline: " in r.stdout
 
 
 def test_camera_path_runs_on_a_recorded_video(testpy, tiny_model, tmp_path):

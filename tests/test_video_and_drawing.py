@@ -3,6 +3,7 @@
 import csv
 import importlib.util
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -11,7 +12,7 @@ from test_testpy_inputs import make_video
 
 import drawing
 from common import EMOTIONS
-from detection import SMOOTH_FRAMES, FaceTracker
+from detection import SMOOTH_FRAMES, FaceTracker, clock, track_summaries
 
 STILL = SHARED / "faces_dev" / "2008_002079.jpg"  # six small faces whose answers are close calls
 
@@ -113,3 +114,28 @@ def test_text_and_lines_grow_with_the_image():
     assert large["scale"] >= 4000 / 1600 - 1e-9 > small["scale"]  # a small face's label stays legible on a big photo
     img = drawing.annotate(np.full((300, 400, 3), 255, np.uint8), [face((100, 100, 80, 80), [0] * 6 + [1])])
     assert (img[100, 120] == 0).all() or (img[99, 120] == 0).all()  # neutral's light box has a dark outline
+
+
+def test_track_summaries_count_each_faces_frames():
+    records = [{"id": 2, "time": t / 10, "emotion": "happy" if t < 3 else "sad"} for t in range(4)]
+    records += [{"id": 1, "time": 95.0, "emotion": "neutral"}]
+    longest, short = track_summaries(records, list(EMOTIONS))
+    assert (longest["id"], longest["frames"], longest["first"], longest["last"]) == (2, 4, 0.0, 0.3)
+    assert longest["shares"] == {"happy": 0.75, "sad": 0.25} and list(longest["shares"]) == ["happy", "sad"]
+    assert longest["line"] == "face 2, 0:00-0:00, 4 frames: happy 75%, sad 25%"
+    assert short["line"] == "face 1, 1:35-1:35, 1 frame: neutral 100%"
+    assert clock(3723) == "1:02:03" and clock(59.9) == "0:59"
+
+
+def test_timeline_has_a_panel_per_face_seen_longest(tmp_path):
+    records = [
+        {"id": i, "time": t / 10, "emotion": "happy", "probabilities": dict.fromkeys(EMOTIONS, 1 / 7)}
+        for i in range(1, 7)
+        for t in range(i)
+    ]
+    summaries = track_summaries(records, list(EMOTIONS))
+    heights = []
+    for n in (1, drawing.TIMELINE_FACES, 6):
+        drawing.plot_timeline(records, summaries[:n], list(EMOTIONS), tmp_path / f"{n}.png", "t")
+        heights.append(cv2.imread(str(tmp_path / f"{n}.png")).shape[0])
+    assert heights[0] < heights[1] == heights[2]  # one panel, then TIMELINE_FACES at the most
