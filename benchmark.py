@@ -8,14 +8,17 @@ Prints, as medians of --runs runs: training images/s in float32 and bfloat16 (on
 on a batch of synthetic faces, augmentation included), inference faces/s one at a time and in
 batches, test.py's work on one photo (detection and classification apart), and how close
 training runs to the CPU's limit: training FLOPs per image times images/s over a large bfloat16
-matmul's FLOP/s, measured in the same run.
+matmul's FLOP/s, measured in the same run. Then test.py's photos/s on a folder of --photos generated
+photos, one at a time and on its workers, side by side (the whole folder once each, not medians).
 """
 
 import argparse
 import contextlib
 import importlib.util
+import io
 import json
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -23,6 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -101,6 +105,53 @@ def csv_rows_per_second(rows, runs):
         return rows / median_time(lambda: read_csv(path, progress=False), max(1, runs // 2), warmup=0)
 
 
+# Photos as folders hold them, cycled: a web-sized copy, a 3 MP export and a 12 MP phone or camera original.
+PHOTO_SIZES = ((1280, 960), (2048, 1536), (4032, 3024))
+
+
+def make_photos(folder, n, sample):
+    """`n` JPEGs in `folder`: the sample photo's face on a blurred copy of itself, at each of PHOTO_SIZES in turn
+    (hard links of three files where the file system allows: the bytes are the same, the work on them too)."""
+    src = cv2.imread(str(sample))
+    made = []
+    for i, (w, h) in enumerate(PHOTO_SIZES):
+        canvas = cv2.resize(cv2.GaussianBlur(src, (0, 0), 8), (w, h))
+        face = cv2.resize(src, (h * src.shape[1] // src.shape[0] // 2, h // 2))
+        canvas[h // 4 : h // 4 + face.shape[0], w // 3 : w // 3 + face.shape[1]] = face
+        cv2.imwrite(str(path := folder / f"size{i}.jpg"), canvas, [cv2.IMWRITE_JPEG_QUALITY, 90])
+        made.append(path)
+    photos = []
+    for k in range(n):
+        photos.append(dest := folder / f"photo{k:04d}.jpg")
+        try:
+            dest.hardlink_to(made[k % len(made)])
+        except OSError:
+            shutil.copyfile(made[k % len(made)], dest)
+    return photos
+
+
+def photos_per_second(testpy, model, n, sample, block=100):
+    """test.py's photos/s on `n` photos (make_photos) one at a time, as before the pool, and on its workers
+    (PHOTO_WORKERS, a detector and int8 thread each), as test.py runs them: side by side, the two taking turns
+    on blocks of `block` photos (first one, then the other) so that both see the same machine."""
+    device, workers = torch.device("cpu"), min(testpy.PHOTO_WORKERS, n)
+    one = testpy.Recognizer(model, device)
+    pool = testpy.Recognizer(model, device, threads=1, detect_threads=1)
+    seconds = {1: 0.0, workers: 0.0} if workers > 1 else {1: 0.0}
+    with tempfile.TemporaryDirectory() as tmp:
+        photos = make_photos(Path(tmp), n, sample)
+        for k in range(0, n, block):
+            order = list(seconds) if (k // block) % 2 == 0 else list(seconds)[::-1]
+            for w in order:
+                (out := Path(tmp) / f"out{w}").mkdir()
+                with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                    t = time.perf_counter()
+                    testpy.run_photos(one if w == 1 else pool, photos[k : k + block], out, workers=w)
+                    seconds[w] += time.perf_counter() - t
+                shutil.rmtree(out)
+    return {w: n / s for w, s in seconds.items()}, workers
+
+
 def training_flops_per_image(model, batch=32):
     """Forward plus backward FLOPs per image, counted by torch.utils.flop_counter."""
     x = torch.randn(batch, 1, 48, 48)
@@ -139,6 +190,13 @@ def parse_args(argv=None):
     )
     p.add_argument(
         "--batch-size", type=int, default=128, help="training batch (default: 128; inference batches as test.py does)"
+    )
+    p.add_argument(
+        "--photos",
+        type=int,
+        default=1000,
+        help="photos (generated) whose test.py photos/s is timed, one at a time and on its workers; 0 skips "
+        "(default: 1000)",
     )
     p.add_argument("--json", type=Path, default=None, help="also write the figures to this JSON file (default: none)")
     p.add_argument(
@@ -201,6 +259,13 @@ def markdown_table(r):
         ("the same with another program busy on one core", f"{r['busy_video_640x480_fps']:.0f} frames/s"),
         (f"reading a FER2013 CSV ({r['csv_rows']:,} rows, generated)", f"{r['csv_rows_s']:,.0f} rows/s"),
     ]
+    if "photos_s_pool" in r:  # recorded since test.py works on photos in a pool
+        sizes = ", ".join(f"{w}x{h}" for w, h in PHOTO_SIZES)
+        rows.insert(-1, (
+            f"`test.py` on a folder of {r['photos']:,} photos ({sizes} in turn)",
+            f"{r['photos_s_pool']:.1f} photos/s on {r['photo_workers']} workers; one at a time, as before, "
+            f"{r['photos_s_one']:.1f}: {r['photos_s_pool'] / r['photos_s_one']:.2f}x",
+        ))  # fmt: skip
     if "cpu" in r:  # figures from before it was recorded say their machine in RESULTS.md's text
         rows.insert(0, ("machine", f"{r['cpu']}, {r['threads']} threads, bfloat16 {bf16_kind(r['bf16_supported'])}"))
     return "\n".join(["| | |", "| --- | --- |"] + [f"| {a} | {b} |" for a, b in rows])
@@ -349,6 +414,15 @@ def main(args):
         f"with one core busy: one face {1 / b1:.0f} faces/s (int8 on 1 thread {1 / b1_one:.0f}; PyTorch "
         f"{1 / b1_pt:.0f}, on {cores} threads {1 / b1_pt_all:.0f}), video {1 / bv:.1f} frames/s"
     )
+
+    if args.photos > 0:
+        rates, workers = photos_per_second(testpy, args.model, args.photos, args.photo)
+        results.update(photos=args.photos, photo_workers=workers, photos_s_one=rates[1], photos_s_pool=rates[workers])
+        print(
+            f"test.py on {args.photos} photos ({', '.join(f'{w}x{h}' for w, h in PHOTO_SIZES)} in turn): "
+            f"{rates[1]:.1f} photos/s one at a time, {rates[workers]:.1f} on {workers} workers: "
+            f"{rates[workers] / rates[1]:.2f}x"
+        )
 
     rows = csv_rows_per_second(args.csv_rows, args.runs)
     results.update(csv_rows=args.csv_rows, csv_rows_s=rows)

@@ -141,13 +141,15 @@ class RetinaFaceDetector:
         h, w = small.shape[:2]
         x = np.ascontiguousarray((small.astype(np.float32) - _MEAN_BGR).transpose(2, 0, 1)[None])
         loc, conf, _landmarks = self.session.run(None, {self.input: x})
-        if (w, h) not in self._anchors:
-            self._anchors = {(w, h): _anchors(w, h)}  # one size cached: a video's frames share it
+        anchors = self._anchors.get((w, h))
+        if anchors is None:  # one size cached (a video's frames share it), replaced whole: threads may share it
+            anchors = _anchors(w, h)
+            self._anchors = {(w, h): anchors}
         scores = conf[0, :, 1]
         keep = scores > self.threshold
         if not keep.any():
             return []
-        loc, anchors, scores = loc[0, keep], self._anchors[(w, h)][keep], scores[keep]
+        loc, anchors, scores = loc[0, keep], anchors[keep], scores[keep]
         centre = anchors[:, :2] + loc[:, :2] * _VARIANCE_CENTRE * anchors[:, 2:]
         size = anchors[:, 2:] * np.exp(loc[:, 2:] * _VARIANCE_SIZE)
         boxes = np.hstack([centre - size / 2, size]) / scale

@@ -21,6 +21,8 @@ import json
 import os
 import sys
 import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import cv2
@@ -39,9 +41,7 @@ from common import (
     atomic_write,
     choose_device,
     confusion_matrix,
-    fer2013_ids,
-    ferplus_majority,
-    ferplus_shares,
+    ferplus_scores,
     is_image_file,
     load_checkpoint,
     load_labelled,
@@ -81,6 +81,9 @@ REMOVED_FLAGS = {"--no-detect": "use --detector none", **dict.fromkeys(
 # 2-core machine, and still with another program holding a core (RESULTS.md, "Speed").
 INT8_THREADS = 2
 PHOTO_LINES = 20  # up to this many photos get a line per face; more get one progress bar (the records have it all)
+# Photos read, searched and annotated at once, a thread each: decoding and drawing use one core whatever the
+# detector's threads, so two photos at a time keep two cores busy (benchmark.py, "photos/s").
+PHOTO_WORKERS = min(8, os.cpu_count() or 1)
 PROGRESS_FILE = "photos_done.jsonl"  # a line per finished photo, for --skip-done after an interrupted run
 
 
@@ -93,9 +96,11 @@ class Recognizer:
     """The model, its int8 copy where one answers, and the face detector (loaded at first use)."""
 
     def __init__(
-        self, path, device, *, detector="retinaface", detect_size=None, engine="auto", threads=None, head=None
-    ):
-        """`threads`: the int8 copy's; `head`: which answers (default the model's first)."""
+        self, path, device, *, detector="retinaface", detect_size=None, engine="auto", threads=None, head=None,
+        detect_threads=None,
+    ):  # fmt: skip
+        """`threads`: the int8 copy's, `detect_threads` RetinaFace's (defaults INT8_THREADS, DETECT_THREADS);
+        `head`: which answers (default the model's first)."""
         self.path = Path(path)
         ckpt = load_checkpoint(self.path)
         self.device = device
@@ -107,6 +112,7 @@ class Recognizer:
         self.size = ckpt.get("input_size", IMAGE_SIZE)
         self.int8 = self.load_engine(engine, threads)
         self.detector_name, self.detect_size, self._detector = detector, detect_size or PHOTO_DETECT_SIZE, None
+        self.detect_threads = detect_threads
 
     def load_engine(self, engine, threads=None):
         """The model's int8 copy (see ENGINES) on `threads` threads (default INT8_THREADS), or None where PyTorch
@@ -129,7 +135,9 @@ class Recognizer:
     def detector(self):
         """The face detector, loaded at first use: scoring a CSV of face crops needs none."""
         if self._detector is None:
-            self._detector = load_detector(self.detector_name, max_side=self.detect_size)
+            retina = self.detect_threads and self.detector_name == "retinaface"
+            threads = {"threads": self.detect_threads} if retina else {}
+            self._detector = load_detector(self.detector_name, max_side=self.detect_size, **threads)
         return self._detector
 
     def classify(self, crops):
@@ -268,50 +276,70 @@ def read_progress(path):
     return done
 
 
-def run_photos(recognizer, photos, out, skip_done=False):
-    """Annotate each photo into `out`, recording each in <out>/PROGRESS_FILE as it is done (with `skip_done`, the
-    photos recorded there by an earlier run are skipped); returns (records, number of unreadable photos)."""
-    progress = out / PROGRESS_FILE
+def annotate_photo(recognizer, photo, dest):
+    """Read one photo, find and classify its faces, write its annotated copy to `dest`; its faces (a worker's job)."""
+    bgr = read_image(photo)
+    faces = recognizer.faces_in(bgr)
+    write_image(dest, annotate(bgr, faces))
+    return faces
+
+
+def run_photos(recognizer, photos, out, skip_done=False, workers=1):
+    """Annotate each photo into `out`, `workers` at a time, recording each in <out>/PROGRESS_FILE as it is done;
+    with `skip_done`, the photos recorded there by an earlier run are skipped. Returns (records, number of
+    unreadable photos), in the photos' order."""
+    progress, lines = out / PROGRESS_FILE, len(photos) <= PHOTO_LINES
     earlier = read_progress(progress) if skip_done else {}
-    records, failed, used, done, lines = (
-        [],
-        0,
-        {Path(a).name for a, _ in earlier.values()},
-        0,
-        len(photos) <= PHOTO_LINES,
-    )
-    with open(progress, "a" if skip_done else "w") as log:
-        bar = tqdm(photos, unit=" photo", disable=lines, smoothing=0.05, desc="photos")
-        for photo in map(Path, bar):
-            try:
-                if str(photo) in earlier:
+    records, failed, done, queue = [], 0, 0, deque()
+    used = {Path(a).name for a, _ in earlier.values()}
+    todo = iter(map(Path, photos))
+
+    def record(photo, dest, faces):
+        nonlocal done
+        none = {"box": None, "emotion": None, "confidence": None, "probabilities": None}
+        mine = [{"file": str(photo), **f} for f in faces] or [{"file": str(photo), **none}]
+        log.write(json.dumps({"photo": str(photo), "annotated": str(dest), "records": mine}) + "\n")
+        log.flush()
+        done += 1
+        return mine
+
+    with open(progress, "a" if skip_done else "w") as log, ThreadPoolExecutor(workers) as pool:
+        bar = tqdm(total=len(photos), unit=" photo", disable=lines, smoothing=0.05, desc="photos")
+        current, ahead = None, 2 * workers if workers > 1 else 1  # one worker: one photo at a time, as ever
+        try:
+            while True:
+                while len(queue) < ahead and (photo := next(todo, None)) is not None:
+                    dest = None if str(photo) in earlier else output_path(out, photo, used)
+                    queue.append((photo, dest, dest and pool.submit(annotate_photo, recognizer, photo, dest)))
+                if not queue:
+                    break
+                current = photo, dest, job = queue.popleft()
+                bar.update()
+                if job is None:
                     records += earlier[str(photo)][1]
                     continue
                 try:
-                    bgr = read_image(photo)
+                    faces = job.result()
                 except ImageReadError as e:
                     (print if lines else bar.write)(f"error: {photo} {e}; skipped", file=sys.stderr)
                     failed += 1
                     continue
-                dest = output_path(out, photo, used)
-                faces = recognizer.faces_in(bgr)
-                write_image(dest, annotate(bgr, faces))
-            except KeyboardInterrupt:
-                raise Interrupted(
-                    f"{done} of {len(photos)} photos were annotated into {out}, each file whole, and recorded in "
-                    f"{progress}; --json and --csv were not written: run the same command with --skip-done to finish"
-                ) from None
-            none = {"box": None, "emotion": None, "confidence": None, "probabilities": None}
-            mine = [{"file": str(photo), **f} for f in faces] or [{"file": str(photo), **none}]
-            log.write(json.dumps({"photo": str(photo), "annotated": str(dest), "records": mine}) + "\n")
-            log.flush()
-            records += mine
-            done += 1
-            if lines and not faces:
-                print(f"{photo}: no face found")
-            for i, f in enumerate(faces if lines else [], 1):
-                x, y, w, h = f["box"]
-                print(f"{photo}: face {i} at ({x}, {y}, {w}x{h}): {f['emotion']} {f['confidence']:.0%}")
+                current = None
+                records += record(photo, dest, faces)
+                if lines and not faces:
+                    print(f"{photo}: no face found")
+                for i, f in enumerate(faces if lines else [], 1):
+                    x, y, w, h = f["box"]
+                    print(f"{photo}: face {i} at ({x}, {y}, {w}x{h}): {f['emotion']} {f['confidence']:.0%}")
+        except KeyboardInterrupt:
+            pool.shutdown(cancel_futures=True)  # the photos being worked on are finished, and recorded too
+            for photo, dest, job in [current, *queue] if current else queue:
+                if job and not job.cancelled() and job.exception() is None:
+                    record(photo, dest, job.result())
+            raise Interrupted(
+                f"{done} of {len(photos)} photos were annotated into {out}, each file whole, and recorded in "
+                f"{progress}; --json and --csv were not written: run the same command with --skip-done to finish"
+            ) from None
     return records, failed
 
 
@@ -459,33 +487,6 @@ def load_eval_data(path, recognizer, ferplus=None):
     return data, counts
 
 
-def ferplus_scores(probs, votes, classes):
-    """The model's answers against FER+'s people: accuracy and macro-F1 on the faces more than half of them agree on
-    (FER+'s majority faces), and how far the probabilities are from the vote shares (mean KL divergence, in nats, and
-    the mean total variation, half the summed absolute difference), over faces with votes for one of our emotions."""
-    majority = ferplus_majority(votes)
-    agreed = majority >= 0
-    to_model = {e: i for i, e in enumerate(fer2013_ids(classes))}
-    labels = np.array([to_model[e] for e in majority[agreed]], dtype=np.int64)
-    m = metrics_from_confusion(confusion_matrix(labels, probs[agreed].argmax(1), len(classes)), classes)
-    shares = ferplus_shares(votes)[:, fer2013_ids(classes)].astype(np.float64)
-    voted = shares.sum(1) > 0
-    p = np.clip(probs[voted].astype(np.float64), 1e-7, 1.0)
-    t = shares[voted]
-    kl = (t * (np.log(np.where(t > 0, t, 1.0)) - np.log(p))).sum(1)
-    tv = 0.5 * np.abs(t - probs[voted]).sum(1)
-    return {
-        "accuracy": m["accuracy"],
-        "macro_f1": m["macro_f1"],
-        "faces": int(agreed.sum()),
-        "kl_divergence": float(kl.mean()),
-        "total_variation": float(tv.mean()),
-        "vote_faces": int(voted.sum()),
-        "confusion": m["confusion"],
-        "recall": {c: v["recall"] for c, v in m["per_class"].items()},
-    }
-
-
 def run_eval(recognizer, path, out, json_path, ferplus=None):
     """Score the model on labelled data; print a report, save a confusion-matrix PNG, optionally JSON.
 
@@ -596,8 +597,9 @@ def parse_args(argv=None):
         "--threads",
         type=int,
         default=None,
-        help=f"CPU threads for classifying (default: {INT8_THREADS} for the int8 copy; PyTorch {INFERENCE_THREADS} for "
-        "photos, --video and --camera, all cores for --eval, OMP_NUM_THREADS where set)",
+        help=f"CPU threads for classifying (default: {INT8_THREADS} for the int8 copy, 1 for each photo of several "
+        f"worked on at once; PyTorch {INFERENCE_THREADS} for photos, --video and --camera, all cores for --eval, "
+        "OMP_NUM_THREADS where set)",
     )
     p.add_argument(
         "--engine",
@@ -661,7 +663,14 @@ def main(args):
     if threads:
         torch.set_num_threads(threads)
     settings = {"detector": args.detector, "detect_size": args.detect_size, "engine": engine, "head": args.head}
-    recognizer = Recognizer(args.model, device, threads=args.threads, **settings)
+    photos, skipped = expand_inputs(args.inputs) if args.inputs else ([], 0)
+    if skipped:
+        print(f"skipped {skipped} files that are not images ({', '.join(IMAGE_EXTENSIONS)})")
+    if args.inputs and not photos:
+        raise UserError(f"no images found in {', '.join(map(str, args.inputs))}")
+    workers = max(1, min(PHOTO_WORKERS, len(photos)))  # a thread each for the detector and the int8 copy then
+    settings.update(threads=args.threads or (1 if workers > 1 else None), detect_threads=1 if workers > 1 else None)
+    recognizer = Recognizer(args.model, device, **settings)
     if args.eval is not None:
         return run_eval(recognizer, args.eval, args.out, args.json, args.ferplus)
     if args.camera is not None:
@@ -670,12 +679,7 @@ def main(args):
     if args.video is not None:
         (records, summaries), failed, total = run_video(recognizer, args.video, args.out, args.smooth), 0, 1
     else:
-        photos, skipped = expand_inputs(args.inputs)
-        if skipped:
-            print(f"skipped {skipped} files that are not images ({', '.join(IMAGE_EXTENSIONS)})")
-        if not photos:
-            raise UserError(f"no images found in {', '.join(map(str, args.inputs))}")
-        records, failed = run_photos(recognizer, photos, args.out, args.skip_done)
+        records, failed = run_photos(recognizer, photos, args.out, args.skip_done, workers)
         total = len(photos)
         n_faces = sum(r["box"] is not None for r in records)
         if failed < total:

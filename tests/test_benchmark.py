@@ -8,7 +8,8 @@ from conftest import ROOT, load_script
 def test_benchmark_writes_its_figures(tmp_path):
     bench = load_script("benchmark")
     out = tmp_path / "bench.json"
-    results = bench.main(bench.parse_args(["--runs", "1", "--batch-size", "8", "--csv-rows", "50", "--json", str(out)]))
+    args = ["--runs", "1", "--batch-size", "8", "--csv-rows", "50", "--photos", "3", "--json", str(out)]
+    results = bench.main(bench.parse_args(args))
     saved = json.loads(out.read_text())
     for key in (
         "train_img_s_fp32",
@@ -32,9 +33,12 @@ def test_benchmark_writes_its_figures(tmp_path):
         "train_flops_per_image",
         "matmul_flops_bf16",
         "utilisation",
+        "photos_s_one",
+        "photos_s_pool",
     ):
         assert saved[key] == results[key] and saved[key] > 0, key
     assert saved["photo_faces"] >= 1  # the sample photo has a face
+    assert saved["photos"] == 3 and saved["photo_workers"] == min(3, load_script("test").PHOTO_WORKERS)
     assert saved["engine"] == "int8"  # the shipped model's copy is what test.py runs
     assert saved["cpu"] and f"| machine | {saved['cpu']}" in bench.markdown_table(saved)  # figures name their machine
 

@@ -105,21 +105,43 @@ def test_many_photos_get_a_progress_bar_and_an_interrupted_run_finishes_with_ski
     assert f"{len(photos)}/{len(photos)}" in r.stderr and ": face 1 at" not in r.stdout  # one bar, no line a face
     whole = json.loads(js.read_text())
     assert len(whole) == len(photos) and len((out / testpy.PROGRESS_FILE).read_text().splitlines()) == len(photos)
-    # Killed at the 10th photo: the 9 before are annotated and recorded; --skip-done does only the rest.
-    rec = testpy.Recognizer(tiny_model, torch.device("cpu"))
+    # Killed at the 10th photo, two at a time: those done are annotated and recorded (the 9 before it, and those
+    # the other worker finished or had in hand); --skip-done does only the rest, in the photos' order.
+    rec = testpy.Recognizer(tiny_model, torch.device("cpu"), threads=1, detect_threads=1)
     interrupt_on(rec, 10)
     again = tmp_path / "again"
     again.mkdir()
-    with pytest.raises(KeyboardInterrupt, match=f"9 of {len(photos)} photos .*the same command with --skip-done"):
-        testpy.run_photos(rec, photos, again)
+    with pytest.raises(KeyboardInterrupt, match=r"(\d+) of \d+ photos .*the same command with --skip-done") as e:
+        testpy.run_photos(rec, photos, again, workers=2)
+    done = int(str(e.value).split()[0])
+    recorded = [json.loads(line)["photo"] for line in (again / testpy.PROGRESS_FILE).read_text().splitlines()]
+    assert 9 <= done <= 9 + 3 and len(recorded) == done and set(recorded) < {str(p) for p in photos}
     with open(again / testpy.PROGRESS_FILE, "a") as f:
         f.write('{"photo": "cut short by the kil')  # a line a kill cut in half is not a photo done
     rec = testpy.Recognizer(tiny_model, torch.device("cpu"))
     seen = []
     real = rec.faces_in
     rec.faces_in = lambda bgr: seen.append(1) or real(bgr)
-    records, failed = testpy.run_photos(rec, photos, again, skip_done=True)
-    assert failed == 0 and len(seen) == len(photos) - 9
+    records, failed = testpy.run_photos(rec, photos, again, skip_done=True, workers=2)
+    assert failed == 0 and len(seen) == len(photos) - done
     key = lambda rs: [(r["file"], r["box"], r["emotion"]) for r in rs]  # noqa: E731
     assert key(records) == key(whole) and len(records) >= len(photos)
     assert sorted(p.name for p in again.glob("*.jpg")) == sorted(p.name for p in out.glob("*.jpg"))
+
+
+def test_photos_on_two_workers_give_what_one_gives(testpy, tiny_model, tmp_path, capsys):
+    """The pool changes the speed only: the same records in the photos' order, the same annotated copies, the
+    same line per face, and an unreadable photo among them still named and counted."""
+    photos = small_photos(tmp_path / "in", 5)
+    (bad := tmp_path / "in" / "p02.jpg").write_bytes(b"not a jpeg")
+    photos += [SAMPLE, SAMPLE]  # a photo named twice gets a numbered copy, in order
+    runs = []
+    for workers in (1, 2):
+        (out := tmp_path / f"w{workers}").mkdir()
+        rec = testpy.Recognizer(tiny_model, torch.device("cpu"), threads=1, detect_threads=1)
+        records, failed = testpy.run_photos(rec, photos, out, workers=workers)
+        said = capsys.readouterr()
+        names = sorted(p.name for p in out.glob("*.jpg"))
+        runs.append((records, failed, said.out, said.err, names))
+    assert runs[0] == runs[1] and runs[0][1] == 1 and f"error: {bad}" in runs[0][3]
+    assert runs[0][4][:2] == ["grace_hopper_emotions.jpg", "grace_hopper_emotions_2.jpg"] and len(runs[0][4]) == 6
