@@ -1,6 +1,8 @@
 """Shared fixtures: the scripts loaded by path, synthetic FER2013 CSVs, and where ../shared is."""
 
+import contextlib
 import importlib.util
+import io
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +26,22 @@ def load_script(name):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def run_in_process(script, *args):
+    """`python <script>.py ARGS` in this process, as the script's last line runs it (parse_args, then run_main):
+    its exit code, stdout and stderr as subprocess.run gives them, without starting Python and torch again. For
+    the many error cases; each script keeps a test that runs it as its own process. PyTorch's thread count is
+    restored after (test.py sets it)."""
+    out, err, threads, code = io.StringIO(), io.StringIO(), torch.get_num_threads(), 0
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            script.run_main(script.main, script.parse_args([str(a) for a in args]))
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    finally:
+        torch.set_num_threads(threads)
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
 def synthetic_faces(n, seed=0):

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import run_cli, synthetic_faces, write_csv
+from conftest import run_in_process, synthetic_faces, write_csv
 
 import common
 from common import EMOTIONS, FERPLUS_COLUMNS, UserError
@@ -380,10 +380,11 @@ def test_eval_ferplus_of_other_rows_is_refused(testpy, recognizer, kaggle, tmp_p
         testpy.run_eval(recognizer, kaggle["csv"], tmp_path, None, ferplus=short)
 
 
-def test_cli_ferplus_errors(kaggle, prepared, tiny_model, tmp_path):
-    r = run_cli("--ferplus", kaggle["ferplus"], "x.jpg")
+def test_cli_ferplus_errors(testpy, kaggle, prepared, tiny_model, tmp_path):
+    r = run_in_process(testpy, "--ferplus", kaggle["ferplus"], "x.jpg")
     assert r.returncode == 2 and "--ferplus goes with --eval" in r.stderr
     out, _, _ = prepared
-    r = run_cli("--eval", out / "Test data", "--ferplus", kaggle["ferplus"], "--model", tiny_model, "--out", tmp_path)
+    args = ("--eval", out / "Test data", "--ferplus", kaggle["ferplus"], "--model", tiny_model, "--out", tmp_path)
+    r = run_in_process(testpy, *args)
     assert r.returncode == 1 and r.stderr.startswith("error:") and len(r.stderr.strip().splitlines()) == 1
     assert "--ferplus goes with --eval of a FER2013 CSV" in r.stderr and "Traceback" not in r.stderr

@@ -7,7 +7,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, run_cli, synthetic_faces, write_csv
+from conftest import ROOT, run_cli, run_in_process, synthetic_faces, write_csv
 from PIL import Image
 
 import common
@@ -85,15 +85,15 @@ def test_no_face_exits_zero(tiny_model, tmp_path):
     assert r.returncode == 0 and "no face found" in r.stdout
 
 
-def test_usage_and_bad_flags(tiny_model, tmp_path):
-    r = run_cli()
+def test_usage_and_bad_flags(testpy, tiny_model, tmp_path):
+    r = run_cli()  # as its own process: the exit code and the one line a user sees
     assert r.returncode == 2 and "samples/grace_hopper.jpg" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    r = run_cli(SAMPLE, "--model", tiny_model, "--out", blocker)
+    r = run_in_process(testpy, SAMPLE, "--model", tiny_model, "--out", blocker)
     assert r.returncode == 1 and "--out" in r.stderr and "is a file" in r.stderr and "Traceback" not in r.stderr
     for model, needle in [(tmp_path / "none.pt", "not found"), (blocker, "damaged")]:
-        r = run_cli(SAMPLE, "--model", model)
+        r = run_in_process(testpy, SAMPLE, "--model", model)
         assert r.returncode == 1 and needle in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 

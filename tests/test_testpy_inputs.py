@@ -7,7 +7,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, SHARED, run_cli
+from conftest import ROOT, SHARED, run_cli, run_in_process
 
 import common
 import detection
@@ -58,12 +58,12 @@ def test_json_and_csv_inside_the_out_folder_it_creates(tiny_model, tmp_path):
 
 
 @pytest.mark.parametrize("n", [1, 2])
-def test_no_photo_readable_says_so(tiny_model, tmp_path, n):
+def test_no_photo_readable_says_so(testpy, tiny_model, tmp_path, n):
     bad = []
     for i in range(n):
         bad.append(tmp_path / f"broken{i}.jpg")
         bad[-1].write_bytes(b"not a jpeg")
-    r = run_cli(*bad, "--model", tiny_model, "--out", tmp_path / "out")
+    r = run_in_process(testpy, *bad, "--model", tiny_model, "--out", tmp_path / "out")
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert ("the photo could not be read" if n == 1 else f"none of the {n} photos could be read") in r.stderr
     assert "the others were annotated" not in r.stderr and "annotated copies" not in r.stdout
@@ -135,8 +135,8 @@ def test_camera_path_runs_on_a_recorded_video(testpy, tiny_model, tmp_path):
     assert len(shown) == 3 and shown[0].shape == (240, 320, 3) and records and all(r["frame"] < 3 for r in records)
 
 
-def test_camera_missing_is_a_clear_error(tiny_model):
-    r = run_cli("--camera", "7", "--model", tiny_model)
+def test_camera_missing_is_a_clear_error(testpy, tiny_model):
+    r = run_in_process(testpy, "--camera", "7", "--model", tiny_model)
     assert r.returncode == 1 and "--camera 7" in r.stderr and "Traceback" not in r.stderr
 
 
@@ -149,8 +149,8 @@ def test_camera_missing_is_a_clear_error(tiny_model):
         (["x.jpg", "--detect-size", "10"], "--detect-size must be at least 24"),
     ],
 )
-def test_flag_errors(tiny_model, tmp_path, args, needle):
-    r = run_cli(*args, "--model", tiny_model, "--out", tmp_path)
+def test_flag_errors(testpy, tiny_model, tmp_path, args, needle):
+    r = run_in_process(testpy, *args, "--model", tiny_model, "--out", tmp_path)
     assert r.returncode in (1, 2) and needle in r.stderr and "Traceback" not in r.stderr
 
 

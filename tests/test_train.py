@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, synthetic_faces, tiny_checkpoint, write_csv
+from conftest import ROOT, run_in_process, synthetic_faces, tiny_checkpoint, write_csv
 
 import common
 import network
@@ -306,19 +306,15 @@ def test_recorded_paths_are_not_the_build_machines(train, dataset, tmp_path):
         assert not [v for v in paths if v.startswith("/") or ".." in v], args
 
 
-def test_cli_errors(dataset, tmp_path):
+def test_cli_errors(train, dataset, tmp_path):
     for args, needle in [
         (["--data", str(tmp_path / "nope")], "not found"),
         (["--data", str(dataset / "Train data"), "--resume", str(tmp_path / "x.pt")], "not found"),
     ]:
-        r = subprocess.run(
-            [sys.executable, str(ROOT / "train.py"), *args, "--no-progress", "--out", str(tmp_path / "m.pt")],
-            capture_output=True,
-            text=True,
-        )
+        r = run_in_process(train, *args, "--no-progress", "--out", tmp_path / "m.pt")
         assert r.returncode == 1 and needle in r.stderr and "Traceback" not in r.stderr, r.stderr
     r = subprocess.run([sys.executable, str(ROOT / "train.py"), "--epochs", "0"], capture_output=True, text=True)
-    assert r.returncode == 2 and "--epochs must be at least 1" in r.stderr
+    assert r.returncode == 2 and "--epochs must be at least 1" in r.stderr  # as its own process once
 
 
 @pytest.mark.parametrize(
@@ -338,9 +334,7 @@ def test_bad_numbers(train, flag, value, message, capsys):
 
 def test_bad_val_sources(train, dataset, tmp_path):
     """A wrong --val is named as --val (not as the --data folder), before the training images load."""
-    r = subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), "--val", str(tmp_path / "val.csv.gz")], capture_output=True, text=True
-    )
+    r = run_in_process(train, "--val", tmp_path / "val.csv.gz")
     assert r.returncode == 2 and f"--val {tmp_path / 'val.csv.gz'} not found" in r.stderr, r.stderr
     notes = tmp_path / "val.txt"
     notes.write_text("not a csv")

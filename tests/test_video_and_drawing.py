@@ -139,3 +139,20 @@ def test_timeline_has_a_panel_per_face_seen_longest(tmp_path):
         drawing.plot_timeline(records, summaries[:n], list(EMOTIONS), tmp_path / f"{n}.png", "t")
         heights.append(cv2.imread(str(tmp_path / f"{n}.png")).shape[0])
     assert heights[0] < heights[1] == heights[2]  # one panel, then TIMELINE_FACES at the most
+
+
+def test_the_readme_timeline_is_of_a_clip_with_one_face_in_every_frame(testpy):
+    """tools/sample_timeline.py's clip: 640x480 frames, the sample photo's one face in each, moved and lit
+    differently along the clip; the README's picture it made is there, one panel wide."""
+    spec = importlib.util.spec_from_file_location("sample_timeline", ROOT / "tools" / "sample_timeline.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    photo = cv2.imread(str(tool.SAMPLE))
+    rec = testpy.Recognizer(ROOT / "models" / "Facial_Emotion_Recognizer.pt", torch.device("cpu"))
+    frames = [tool.frame_at(photo, t) for t in (0.0, 0.25, 0.5, 0.75, 0.95)]
+    assert all(f.shape == (480, 640, 3) for f in frames)
+    assert [len(rec.boxes(f)) for f in frames] == [1] * len(frames)
+    assert len({round(float(f.mean())) for f in frames}) >= 3  # the light changes
+    picture = cv2.imread(str(tool.PICTURE))
+    assert picture is not None and picture.shape[1] > 2 * picture.shape[0]  # one face: one wide panel
+    assert tool.PICTURE.name in (ROOT / "README.md").read_text()
