@@ -290,8 +290,7 @@ def run_photos(recognizer, photos, out, skip_done=False, workers=1):
     unreadable photos), in the photos' order."""
     progress, lines = out / PROGRESS_FILE, len(photos) <= PHOTO_LINES
     earlier = read_progress(progress) if skip_done else {}
-    records, failed, done, queue = [], 0, 0, deque()
-    used = {Path(a).name for a, _ in earlier.values()}
+    records, failed, done, queue, used = [], 0, 0, deque(), {Path(a).name for a, _ in earlier.values()}
     todo = iter(map(Path, photos))
 
     def record(photo, dest, faces):
@@ -668,7 +667,8 @@ def main(args):
         print(f"skipped {skipped} files that are not images ({', '.join(IMAGE_EXTENSIONS)})")
     if args.inputs and not photos:
         raise UserError(f"no images found in {', '.join(map(str, args.inputs))}")
-    workers = max(1, min(PHOTO_WORKERS, len(photos)))  # a thread each for the detector and the int8 copy then
+    # A thread each for the detector and the int8 copy then; OpenCV's cascade may not be shared between threads.
+    workers = max(1, min(PHOTO_WORKERS if args.detector != "haar" else 1, len(photos)))
     settings.update(threads=args.threads or (1 if workers > 1 else None), detect_threads=1 if workers > 1 else None)
     recognizer = Recognizer(args.model, device, **settings)
     if args.eval is not None:

@@ -8,7 +8,7 @@ import sys
 import cv2
 import pytest
 import torch
-from conftest import ROOT, load_script, run_cli, synthetic_faces, write_csv
+from conftest import ROOT, load_script, run_cli, run_in_process, synthetic_faces, write_csv
 from test_testpy_inputs import SAMPLE, make_video
 
 import common
@@ -145,3 +145,14 @@ def test_photos_on_two_workers_give_what_one_gives(testpy, tiny_model, tmp_path,
         runs.append((records, failed, said.out, said.err, names))
     assert runs[0] == runs[1] and runs[0][1] == 1 and f"error: {bad}" in runs[0][3]
     assert runs[0][4][:2] == ["grace_hopper_emotions.jpg", "grace_hopper_emotions_2.jpg"] and len(runs[0][4]) == 6
+
+
+def test_photos_share_a_detector_between_workers_only_where_it_can_be(testpy, tiny_model, tmp_path, monkeypatch):
+    """RetinaFace's session serves several threads; OpenCV's cascade may not be shared, so Haar gets one worker."""
+    workers, real = [], testpy.run_photos
+    monkeypatch.setattr(testpy, "run_photos", lambda *a: workers.append(a[4]) or real(*a))
+    for detector in ("retinaface", "haar"):
+        out = tmp_path / detector
+        r = run_in_process(testpy, SAMPLE, SAMPLE, "--model", tiny_model, "--out", out, "--detector", detector)
+        assert r.returncode == 0, r.stderr
+    assert workers == [min(2, testpy.PHOTO_WORKERS), 1]
