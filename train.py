@@ -490,8 +490,7 @@ def resume_schedule(args):
     if "optimizer" not in ck:
         raise UserError(f"--resume {args.resume} has no optimiser state: pass the *.last.pt file beside the model")
     recorded = ck.get("train_args", {})
-    dropped = next((k for k in DROPPED_FLAGS if recorded.get(k)), None)
-    if dropped:
+    if dropped := next((k for k in DROPPED_FLAGS if recorded.get(k)), None):
         raise UserError(
             f"--resume {args.resume}: that run used --{dropped.replace('_', '-')}, which train.py no longer has "
             "(RESULTS.md names the commit that does): start a new run"
@@ -531,8 +530,7 @@ def choose_outputs(args):
         if args.out.resolve() == own.resolve():
             return None  # the resumed run's own model
     elif args.out is None:
-        folder = RUNS_DIR / stamp
-        n = 2
+        folder, n = RUNS_DIR / stamp, 2
         while folder.exists():
             folder, n = RUNS_DIR / f"{stamp}-{n}", n + 1
         args.out = folder / MODEL_NAME
@@ -546,7 +544,10 @@ def choose_outputs(args):
             f"--out {args.out} exists{previous_score(args.out)}: pass --replace to overwrite it (the old "
             f"one is kept as a .bak.pt), or leave --out out and the run gets its own folder under runs/"
         )
-    return beside_model(args.out, f".{stamp}.bak.pt")
+    backup, n = beside_model(args.out, f".{stamp}.bak.pt"), 2
+    while backup.exists():  # two replacing runs in one second: each keeps the model it replaced
+        backup, n = beside_model(args.out, f".{stamp}-{n}.bak.pt"), n + 1
+    return backup
 
 
 def interrupted_note(args, best, epochs_saved, backup):
@@ -620,8 +621,7 @@ def build_run(args, data, device, procs):
     groups = [{"params": decay, "weight_decay": WEIGHT_DECAY}, {"params": no_decay, "weight_decay": 0.0}]
     optimizer = torch.optim.SGD(groups, lr=args.lr, momentum=MOMENTUM, nesterov=True)
     steps_per_epoch = len(data.faces) // procs.world // args.batch_size or 1  # --batch-size is per process
-    if args.max_batches:
-        steps_per_epoch = min(steps_per_epoch, args.max_batches)
+    steps_per_epoch = min(steps_per_epoch, args.max_batches or steps_per_epoch)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=args.lr, epochs=args.epochs, steps_per_epoch=steps_per_epoch, pct_start=WARMUP_SHARE
     )

@@ -204,8 +204,10 @@ def test_a_failed_checkpoint_write_stops_training_with_its_error(train, dataset,
         train.main(tiny_args(train, dataset / "Train data", tmp_path / "m.pt"))
 
 
-def test_an_existing_model_is_replaced_only_with_replace(train, dataset, tmp_path):
-    """A trial run never replaces a model; --replace does, keeping the old one under a name of its own."""
+def test_an_existing_model_is_replaced_only_with_replace(train, dataset, tmp_path, monkeypatch):
+    """A trial run never replaces a model; --replace does, keeping the old one under a name of its own, also
+    when two replacing runs start in the same second (a tiny run takes less)."""
+    monkeypatch.setattr(train.time, "strftime", lambda fmt, *a: "20261203-120000")
     out = tmp_path / "m.pt"
     out.write_bytes(b"the earlier model")
     (tmp_path / "m.metrics.json").write_text(json.dumps({"validation": {"accuracy": 0.697, "validation_set": "v.csv"}}))
@@ -219,7 +221,8 @@ def test_an_existing_model_is_replaced_only_with_replace(train, dataset, tmp_pat
     load_checkpoint(out)
     train.main(tiny_args(train, dataset / "Train data", out, "--replace"))
     backups = sorted(tmp_path.glob("m.*.bak.pt"))  # one per replacing run: a second run keeps the first backup
-    assert len(backups) == 2 and backups[0].read_bytes() == b"the earlier model", backups
+    assert [b.name for b in backups] == ["m.20261203-120000-2.bak.pt", "m.20261203-120000.bak.pt"]
+    assert backups[1].read_bytes() == b"the earlier model" and load_checkpoint(backups[0])
 
 
 def test_default_output_is_a_new_run_folder(train, dataset, tmp_path, monkeypatch, capsys):
