@@ -117,7 +117,7 @@ class RetinaFaceDetector:
 
     framing = RETINAFACE_FRAMING
 
-    def __init__(self, max_side=PHOTO_DETECT_SIZE, threshold=RETINAFACE_THRESHOLD, threads=DETECT_THREADS):
+    def __init__(self, max_side=PHOTO_DETECT_SIZE, threshold=RETINAFACE_THRESHOLD, threads=None):
         try:
             # Imported here: the module holds the model's bytes, slow to load, needed only when faces are searched.
             from retinaface.weights import WEIGHTS
@@ -127,7 +127,7 @@ class RetinaFaceDetector:
                 "(see requirements.txt), or pass --detector haar"
             ) from None
         options = ort.SessionOptions()
-        options.intra_op_num_threads = min(threads, os.cpu_count() or 1)  # not its default, one per core
+        options.intra_op_num_threads = min(threads or DETECT_THREADS, os.cpu_count() or 1)  # not ORT's one per core
         options.inter_op_num_threads = 1
         options.log_severity_level = 3
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # idle threads sleep, not spin
@@ -225,10 +225,11 @@ class WholeImage:
         return [(0.0, 0.0, float(bgr.shape[1]), float(bgr.shape[0]), 1.0)]
 
 
-def load_detector(name, max_side=PHOTO_DETECT_SIZE, **settings):
-    """The detector called `name` (one of DETECTORS), searching copies of at most `max_side` px."""
+def load_detector(name, max_side=PHOTO_DETECT_SIZE, threads=None, **settings):
+    """The detector called `name` (one of DETECTORS), searching copies of at most `max_side` px; `threads`:
+    RetinaFace's (default DETECT_THREADS; OpenCV's cascade takes what OpenCV gives it)."""
     if name == "retinaface":
-        return RetinaFaceDetector(max_side=max_side, **settings)
+        return RetinaFaceDetector(max_side=max_side, threads=threads, **settings)
     if name == "haar":
         return HaarDetector(max_side=max_side, **settings)
     if name == "none":

@@ -135,9 +135,7 @@ class Recognizer:
     def detector(self):
         """The face detector, loaded at first use: scoring a CSV of face crops needs none."""
         if self._detector is None:
-            retina = self.detect_threads and self.detector_name == "retinaface"
-            threads = {"threads": self.detect_threads} if retina else {}
-            self._detector = load_detector(self.detector_name, max_side=self.detect_size, **threads)
+            self._detector = load_detector(self.detector_name, max_side=self.detect_size, threads=self.detect_threads)
         return self._detector
 
     def classify(self, crops):
