@@ -2,6 +2,8 @@
 
 import csv
 import importlib.util
+import subprocess
+import sys
 
 import cv2
 import numpy as np
@@ -156,3 +158,7 @@ def test_the_readme_timeline_is_of_a_clip_with_one_face_in_every_frame(testpy):
     picture = cv2.imread(str(tool.PICTURE))
     assert picture is not None and picture.shape[1] > 2 * picture.shape[0]  # one face: one wide panel
     assert tool.PICTURE.name in (ROOT / "README.md").read_text()
+    before = tool.PICTURE.read_bytes()
+    r = subprocess.run([sys.executable, str(ROOT / "tools" / "sample_timeline.py"), "--help"], capture_output=True)
+    assert r.returncode == 0 and r.stdout.startswith(b"usage:") and b"samples/grace_hopper_timeline.png" in r.stdout
+    assert tool.PICTURE.read_bytes() == before

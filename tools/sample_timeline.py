@@ -7,6 +7,7 @@ zooms in on the face, pans off it and back, and dims and brightens the light, so
 real clip's do. The clip and the rest of test.py's outputs stay in a temporary folder.
 """
 
+import argparse
 import shutil
 import subprocess
 import sys
@@ -51,4 +52,6 @@ def main():
 
 
 if __name__ == "__main__":
+    formatter = argparse.RawDescriptionHelpFormatter
+    argparse.ArgumentParser(description=__doc__, formatter_class=formatter).parse_args()  # --help: what it writes
     main()
