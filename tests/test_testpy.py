@@ -39,6 +39,17 @@ def test_read_image_modes(testpy, tmp_path):
     assert out.shape == (48, 64, 3) and out.max() > 200 and out[..., 0].min() == 0  # scaled, not clipped
 
 
+def test_read_image_gives_blue_green_red_in_every_mode(testpy, tmp_path):
+    """The fast path (upright RGB) and the others give OpenCV's channel order and the photo's own pixels."""
+    red = Image.new("RGB", (8, 6), (250, 20, 5))
+    modes = {"red.png": red, "red.jpg": red, "red_rgba.png": red.convert("RGBA"), "red_p.png": red.quantize()}
+    for name, img in modes.items():
+        out = common.read_image(save(img, tmp_path / name, **({"quality": 100} if name.endswith("jpg") else {})))
+        assert out.flags["C_CONTIGUOUS"] and out.shape == (6, 8, 3), name
+        assert np.abs(out[3, 4].astype(int) - (5, 20, 250)).max() <= 6, (name, out[3, 4])
+    assert np.array_equal(common.read_image(SAMPLE), cv2.imread(str(SAMPLE)))
+
+
 def test_read_image_applies_exif_rotation(testpy, tmp_path):
     img = Image.new("RGB", (60, 40), "white")
     exif = Image.Exif()
