@@ -63,11 +63,8 @@ class EmotionNet(nn.Module):
     first block halves it to 24x24 (train.py's default).
     """
 
-    def __init__(
-        self, num_classes=7, widths=(32, 64, 128, 256), blocks=(1, 1, 1, 1), dropout=0.3, extra_heads=(), per_face=False
-    ):
+    def __init__(self, num_classes=7, widths=(32, 64, 128, 256), blocks=(1, 1, 1, 1), dropout=0.3, extra_heads=()):
         super().__init__()
-        self.per_face = per_face  # each face standardised by its own mean and spread first (per_face_standardise)
         self.stem = nn.Sequential(
             nn.Conv2d(1, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU(inplace=True)
         )
@@ -85,20 +82,11 @@ class EmotionNet(nn.Module):
 
     def forward(self, x):
         """The answering head's logits; in training mode with extra heads, a tuple: that head's, then each extra's."""
-        x = self.features(self.stem(per_face_standardise(x) if self.per_face else x))
+        x = self.features(self.stem(x))
         x = self.dropout(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
         if self.training and len(self.extra_heads):
             return (self.head(x), *(h(x) for h in self.extra_heads.values()))
         return self.head(x)
-
-
-def per_face_standardise(x, floor=0.1):
-    """Faces (N, C, H, W) each shifted and scaled to mean 0 and spread 1 over its own pixels, so that a face's
-    exposure and contrast (a photo's, the enhanced copy's) do not reach the network; `floor` (in the units of
-    to_input, about 6 gray levels) keeps a flat face from being blown up into noise. Part of the model, so the
-    checkpoint, the fused copy and the int8 export all do it."""
-    mean = x.mean((1, 2, 3), keepdim=True)
-    return (x - mean) * torch.rsqrt(x.var((1, 2, 3), keepdim=True) + floor**2)
 
 
 ARCHITECTURES = {"EmotionNet": EmotionNet}

@@ -84,7 +84,7 @@ GPU_PREDICT_BATCH = 4096  # images a validation call on a GPU (a CPU's are netwo
 DEFAULT_ARCH = "EmotionNet"
 # A 32-channel stem at 48x48, then one residual block at each of 24, 12, 6 and 3 pixels: narrow enough
 # that 100 epochs fit in two hours on two CPU cores, where more epochs paid more than more width.
-DEFAULT_ARCH_ARGS = {"widths": [32, 48, 96, 192, 384], "blocks": [0, 1, 1, 1, 1], "dropout": 0.3, "per_face": True}
+DEFAULT_ARCH_ARGS = {"widths": [32, 48, 96, 192, 384], "blocks": [0, 1, 1, 1, 1], "dropout": 0.3}
 EPOCHS = 100  # validation accuracy still creeps up at the end; the two-hour budget is what stops it
 BATCH_SIZE = 128
 PEAK_LR = 0.1  # the one-cycle schedule's peak, for SGD with Nesterov momentum

@@ -97,27 +97,9 @@ def test_predict_proba_averages_each_face_with_its_own_mirror_image(batch_size):
     assert torch.allclose(got, expected, atol=1e-5)
 
 
-def test_per_face_standardising_model_ignores_a_faces_exposure_and_contrast():
+def test_fused_model_computes_the_same_function():
     torch.manual_seed(0)
-    faces = torch.from_numpy(np.random.default_rng(0).integers(40, 200, (6, 48, 48), dtype=np.uint8))
-    toned = (faces.float() * 1.3 - 30).round().clamp(0, 255).to(torch.uint8)  # brighter-contrast, darker: no clipping
-    diff = {}
-    for per_face in (True, False):
-        torch.manual_seed(0)  # the same weights, with and without
-        model = network.build_model("EmotionNet", {"widths": [8, 8, 8, 8], "per_face": per_face}, 7).eval()
-        with torch.no_grad():
-            diff[per_face] = (model(network.to_input(faces)) - model(network.to_input(toned))).abs().max()
-    assert diff[True] < diff[False] / 10, diff  # what is left is the toned copy's rounding to whole gray levels
-    flat = torch.full((2, 48, 48), 128, dtype=torch.uint8)
-    assert torch.isfinite(model(network.to_input(flat))).all()
-    assert not network.build_model("EmotionNet", {"widths": [8, 8, 8, 8]}, 7).per_face  # models saved before it
-
-
-@pytest.mark.parametrize("per_face", [False, True])
-def test_fused_model_computes_the_same_function(per_face):
-    torch.manual_seed(0)
-    args = {"widths": [8, 16, 16, 32], "blocks": [1, 2, 1, 1], "per_face": per_face}
-    model = network.build_model("EmotionNet", args, 7)
+    model = network.build_model("EmotionNet", {"widths": [8, 16, 16, 32], "blocks": [1, 2, 1, 1]}, 7)
     with torch.no_grad():
         for m in model.modules():  # BatchNorm statistics far from the identity, as after training
             if isinstance(m, torch.nn.BatchNorm2d):
