@@ -511,8 +511,8 @@ EXIF_ORIENTATION = 0x0112
 def read_image(path):
     """A photo as 8-bit BGR, EXIF rotation applied; any mode (gray, RGBA, 16-bit, palette) converted.
 
-    The common case (an upright RGB photo) skips PIL's copies and converts with OpenCV: for a 12-megapixel
-    photo, NumPy's reversed-channel copy alone took longer than the face detection (RESULTS.md, "Speed").
+    The common case (an upright RGB photo) skips PIL's copies and converts with OpenCV: a 12-megapixel photo
+    is read in 87 ms instead of 170, of which decoding is 42 (RESULTS.md, "Speed").
     """
     path = Path(path)
     if not path.exists():
