@@ -502,10 +502,10 @@ def held_out_rows(path, usage, only=None):
 
 
 # ---------------------------------------------------------------------------------------------
-# Labelled faces: train.py's training and validation data and test.py --eval's, from a folder or a CSV
+# Photos and face files
 
 
-EXIF_ORIENTATION = 0x0112
+EXIF_ORIENTATION = 0x0112  # the EXIF tag saying which way up the camera was held; 1: as stored
 
 
 def read_image(path):
@@ -557,6 +557,10 @@ def read_face_file(path):
             return np.asarray(im, dtype=np.uint8)
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         raise ImageReadError(f"{type(e).__name__}: {str(e)[:60]}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Labelled faces: train.py's training and validation data and test.py --eval's, from a folder or a CSV
 
 
 def load_image_folder(root, progress=True, read_face=read_face_file, flag="--data"):

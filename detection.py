@@ -116,6 +116,7 @@ class RetinaFaceDetector:
     """RetinaFace in onnxruntime: detect(bgr) -> [(x, y, w, h, score)], floats in the image's pixels."""
 
     framing = RETINAFACE_FRAMING
+    shareable = True  # one session may serve several threads (test.py's photo workers)
 
     def __init__(self, max_side=PHOTO_DETECT_SIZE, threshold=RETINAFACE_THRESHOLD, threads=None):
         try:
@@ -175,6 +176,7 @@ class HaarDetector:
     """
 
     framing = None
+    shareable = False  # OpenCV's cascade may not be shared between threads
 
     def __init__(self, max_side=PHOTO_DETECT_SIZE, scale_factor=1.1, min_neighbors=3, min_weight=0.0, min_face=0.0):
         if not hasattr(cv2, "CascadeClassifier") or not hasattr(cv2, "data"):
@@ -220,21 +222,27 @@ class WholeImage:
     """No search: detect(bgr) -> the whole image as one face box, cropped as it is (test.py --detector none)."""
 
     framing = None
+    shareable = True
 
     def detect(self, bgr):
         return [(0.0, 0.0, float(bgr.shape[1]), float(bgr.shape[0]), 1.0)]
 
 
+def detector_class(name):
+    """The class of the detector called `name` (one of DETECTORS)."""
+    classes = {"retinaface": RetinaFaceDetector, "haar": HaarDetector, "none": WholeImage}
+    if name not in classes:
+        raise UserError(f"unknown detector {name!r}: use {', '.join(DETECTORS)}")
+    return classes[name]
+
+
 def load_detector(name, max_side=PHOTO_DETECT_SIZE, threads=None, **settings):
     """The detector called `name` (one of DETECTORS), searching copies of at most `max_side` px; `threads`:
     RetinaFace's (default DETECT_THREADS; OpenCV's cascade takes what OpenCV gives it)."""
-    if name == "retinaface":
-        return RetinaFaceDetector(max_side=max_side, threads=threads, **settings)
-    if name == "haar":
-        return HaarDetector(max_side=max_side, **settings)
-    if name == "none":
-        return WholeImage()
-    raise UserError(f"unknown detector {name!r}: use {', '.join(DETECTORS)}")
+    cls = detector_class(name)
+    if cls is RetinaFaceDetector:
+        return cls(max_side=max_side, threads=threads, **settings)
+    return cls(max_side=max_side, **settings) if cls is HaarDetector else cls()
 
 
 # ---------------------------------------------------------------------------------------------

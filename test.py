@@ -58,6 +58,7 @@ from detection import (
     VIDEO_DETECT_SIZE,
     FaceTracker,
     crop_face,
+    detector_class,
     load_detector,
     track_summaries,
 )
@@ -665,8 +666,8 @@ def main(args):
         print(f"skipped {skipped} files that are not images ({', '.join(IMAGE_EXTENSIONS)})")
     if args.inputs and not photos:
         raise UserError(f"no images found in {', '.join(map(str, args.inputs))}")
-    # A thread each for the detector and the int8 copy then; OpenCV's cascade may not be shared between threads.
-    workers = max(1, min(PHOTO_WORKERS if args.detector != "haar" else 1, len(photos)))
+    # A thread each for the detector and the int8 copy then, where one detector may serve several threads.
+    workers = max(1, min(PHOTO_WORKERS if detector_class(args.detector).shareable else 1, len(photos)))
     settings.update(threads=args.threads or (1 if workers > 1 else None), detect_threads=1 if workers > 1 else None)
     recognizer = Recognizer(args.model, device, **settings)
     if args.eval is not None:
