@@ -530,10 +530,7 @@ def choose_outputs(args):
         if args.out.resolve() == own.resolve():
             return None  # the resumed run's own model
     elif args.out is None:
-        folder, n = RUNS_DIR / stamp, 2
-        while folder.exists():
-            folder, n = RUNS_DIR / f"{stamp}-{n}", n + 1
-        args.out = folder / MODEL_NAME
+        args.out = first_free(lambda n: RUNS_DIR / f"{stamp}{n}") / MODEL_NAME
         return None
     if args.out.is_dir():
         raise UserError(f"--out {args.out} is a folder: name the model file, e.g. {args.out / MODEL_NAME}")
@@ -544,10 +541,16 @@ def choose_outputs(args):
             f"--out {args.out} exists{previous_score(args.out)}: pass --replace to overwrite it (the old "
             f"one is kept as a .bak.pt), or leave --out out and the run gets its own folder under runs/"
         )
-    backup, n = beside_model(args.out, f".{stamp}.bak.pt"), 2
-    while backup.exists():  # two replacing runs in one second: each keeps the model it replaced
-        backup, n = beside_model(args.out, f".{stamp}-{n}.bak.pt"), n + 1
-    return backup
+    return first_free(lambda n: beside_model(args.out, f".{stamp}{n}.bak.pt"))
+
+
+def first_free(path_for):
+    """The first of path_for(""), path_for("-2"), path_for("-3"), ... that does not exist: two runs started in
+    one second each get their own folder, and two replacing runs each keep the model they replaced."""
+    path, n = path_for(""), 2
+    while path.exists():
+        path, n = path_for(f"-{n}"), n + 1
+    return path
 
 
 def interrupted_note(args, best, epochs_saved, backup):
