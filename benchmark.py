@@ -390,7 +390,7 @@ def main(args):
     tracker = FaceTracker(video.classes)
 
     def video_frame(runs):
-        frame_time = lambda: median_time(lambda: annotate(frame, tracker.update(video.faces_in(frame))), runs)  # noqa: E731
+        frame_time = lambda: median_time(lambda: annotate(frame, tracker.update(video.faces_in(frame), frame)), runs)  # noqa: E731
         return with_threads(testpy.INFERENCE_THREADS, frame_time)
 
     sv = video_frame(args.runs * 4)

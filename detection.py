@@ -284,6 +284,12 @@ SMOOTH_FRAMES = 10
 SWITCH_MARGIN = 0.05  # ...and keeps it while the averaged answer for it is within this of the best one
 TRACK_IOU = 0.3  # a box in the next frame overlapping this much is the same face...
 TRACK_MISSING = 5  # ...and a face unseen for more frames than this is gone
+# A new shot ends every track, even where a face of the next shot sits where the last one was: a cut is a change
+# of a frame's hue, saturation and value averaged over its pixels of more than SCENE_CUT (of 255), as
+# PySceneDetect's ContentDetector defines one (its default threshold), on a copy CUT_WIDTH px wide: so small
+# that a pan of 16 px a frame or a 5% zoom stays under it (RESULTS.md, "Video").
+SCENE_CUT, CUT_WIDTH = 27.0, 32
+GRAY_SATURATION = 8  # a frame whose mean saturation is below this is black and white
 
 
 class FaceTracker:
@@ -296,9 +302,15 @@ class FaceTracker:
     def __init__(self, classes, window=SMOOTH_FRAMES, margin=None):
         self.classes, self.window = classes, max(1, window)
         self.margin = (SWITCH_MARGIN if window > 1 else 0.0) if margin is None else margin
-        self.tracks, self.next_id = {}, 1
+        self.tracks, self.next_id, self.last_frame = {}, 1, None
 
-    def update(self, faces):
+    def update(self, faces, frame=None):
+        """`frame`: the BGR frame the faces are in; a new shot (scene_change) starts every face afresh."""
+        if frame is not None:
+            small = frame_hsv(frame)
+            if self.last_frame is not None and scene_change(self.last_frame, small) > SCENE_CUT:
+                self.tracks.clear()
+            self.last_frame = small
         pairs = sorted(
             ((iou(f["box"], t["box"]), i, tid) for i, f in enumerate(faces) for tid, t in self.tracks.items()),
             reverse=True,
@@ -338,6 +350,25 @@ class FaceTracker:
                 probabilities={c: float(v) for c, v in zip(self.classes, mean)},
             )
         return faces
+
+
+def frame_hsv(bgr):
+    """A CUT_WIDTH px wide copy of a frame in HSV, as int16 (scene_change subtracts two)."""
+    if bgr.ndim == 2:
+        bgr = cv2.cvtColor(bgr, cv2.COLOR_GRAY2BGR)
+    h, w = bgr.shape[:2]
+    small = cv2.resize(bgr, (CUT_WIDTH, max(1, round(h * CUT_WIDTH / w))), interpolation=cv2.INTER_AREA)
+    return cv2.cvtColor(small, cv2.COLOR_BGR2HSV).astype(np.int16)
+
+
+def scene_change(a, b):
+    """How much two frames (frame_hsv copies) differ: the mean change of hue, saturation and value, 0-255; of
+    value alone where both are gray (PySceneDetect's luma_only), whose hue and saturation are 0 throughout."""
+    if a.shape != b.shape:
+        return 255.0
+    change = np.abs(a - b).mean(axis=(0, 1))
+    gray = max(a[..., 1].mean(), b[..., 1].mean()) < GRAY_SATURATION
+    return float(change[2] if gray else change.mean())
 
 
 def clock(seconds):

@@ -356,7 +356,7 @@ def run_stream(recognizer, capture, name, writer=None, show=None, max_frames=0, 
         if not ok or (max_frames and n >= max_frames):
             break
         t = time.perf_counter()
-        faces = tracker.update(recognizer.faces_in(frame))
+        faces = tracker.update(recognizer.faces_in(frame), frame)
         fps = 0.9 * fps + 0.1 / max(time.perf_counter() - t, 1e-6) if n else 1 / max(time.perf_counter() - t, 1e-6)
         for f in faces:
             records.append({"file": name, "frame": n, "time": round(n / fps_in, 3), **f})

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import ROOT, SHARED, run_cli
-from test_testpy_inputs import make_video
+from test_testpy_inputs import SAMPLE, make_video
 
 import drawing
 from common import EMOTIONS
@@ -48,6 +48,24 @@ def test_a_near_tie_keeps_the_label():
     assert held[0]["emotion"] == "happy" and held[0]["raw_emotion"] == "sad"
     switched = tracker.update([face((10, 10, 50, 50), [0, 0, 0, 0.30, 0.68, 0, 0])])
     assert switched[0]["emotion"] == "sad"
+
+
+def test_a_new_shot_starts_every_face_afresh():
+    """A face where the last shot's face was is another face after a cut: a new id, an answer of its own. A pan
+    of a few pixels a frame, or a slow change of light, is no cut."""
+    photo = cv2.resize(cv2.imread(str(SAMPLE)), (320, 240))
+    tracker = FaceTracker(list(EMOTIONS), window=5, margin=0.0)
+    happy, sad, box = [0, 0, 0, 0.9, 0.1, 0, 0], [0, 0, 0, 0.1, 0.9, 0, 0], (100, 60, 80, 80)
+    for i in range(6):  # panning 4 px a frame and brightening: one shot
+        frame = cv2.convertScaleAbs(np.roll(photo, 4 * i, axis=1), beta=3 * i)
+        assert tracker.update([face(box, happy)], frame)[0]["id"] == 1
+    other = cv2.cvtColor(cv2.flip(photo, 1), cv2.COLOR_BGR2HSV)  # another shot: other colours, the face mirrored
+    cut = tracker.update([face(box, sad)], other)[0]
+    assert cut["id"] == 2 and cut["emotion"] == "sad" and cut["probabilities"]["sad"] == pytest.approx(0.9)
+    assert tracker.update([face(box, sad)], other)[0]["id"] == 2
+    gray = cv2.cvtColor(cv2.cvtColor(photo, cv2.COLOR_BGR2GRAY), cv2.COLOR_GRAY2BGR)  # black and white: value alone
+    assert tracker.update([face(box, sad)], gray)[0]["id"] == 3  # (a colour cut)
+    assert tracker.update([face(box, sad)], cv2.flip(gray, 1))[0]["id"] == 4  # value changes by 44 (of 255)
 
 
 def test_video_table_has_face_ids_raw_and_smoothed_answers(tiny_model, tmp_path):
