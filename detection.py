@@ -18,7 +18,6 @@ import onnxruntime as ort
 
 from common import IMAGE_SIZE, UserError
 
-DETECTORS = ("retinaface", "haar", "none")
 # Boxes overlapping more than this (intersection over union) are one face...
 MERGE_IOU = 0.3
 # ...and so is a box lying mostly inside another (Haar's face-in-a-face boxes overlap little by IoU).
@@ -228,12 +227,15 @@ class WholeImage:
         return [(0.0, 0.0, float(bgr.shape[1]), float(bgr.shape[0]), 1.0)]
 
 
+DETECTOR_CLASSES = {"retinaface": RetinaFaceDetector, "haar": HaarDetector, "none": WholeImage}  # by --detector name
+DETECTORS = tuple(DETECTOR_CLASSES)
+
+
 def detector_class(name):
     """The class of the detector called `name` (one of DETECTORS)."""
-    classes = {"retinaface": RetinaFaceDetector, "haar": HaarDetector, "none": WholeImage}
-    if name not in classes:
+    if name not in DETECTOR_CLASSES:
         raise UserError(f"unknown detector {name!r}: use {', '.join(DETECTORS)}")
-    return classes[name]
+    return DETECTOR_CLASSES[name]
 
 
 def load_detector(name, max_side=PHOTO_DETECT_SIZE, threads=None, **settings):
