@@ -374,9 +374,10 @@ def run_video(recognizer, video, out, smooth=SMOOTH_FRAMES):
     if not video.is_file():
         raise UserError(f"--video {video} not found")
     cap = cv2.VideoCapture(str(video))
-    if not cap.isOpened():
-        raise UserError(f"--video {video} cannot be opened as a video (is it MP4, AVI, MOV ...?)")
     w, h = int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT))
+    if not cap.isOpened() or w <= 0 or h <= 0:  # a damaged file can open with frames of no size
+        cap.release()
+        raise UserError(f"--video {video} cannot be opened as a video (is it MP4, AVI, MOV ...?)")
     dest = out / f"{video.stem}_emotions.mp4"
     try:
         with atomic_write(dest) as tmp:  # an interrupted run leaves an earlier video whole
