@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from common import REPO_ROOT, load_checkpoint, read_csv, read_image, run_main
+from common import REPO_ROOT, UserError, load_checkpoint, read_csv, read_image, run_main
 from detection import VIDEO_DETECT_SIZE, FaceTracker, letterbox
 from drawing import annotate
 from network import build_model, cpu_has_bf16, model_from_checkpoint, predict_proba, to_input
@@ -209,6 +209,19 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def read_figures(path):
+    """The figures a --json run wrote, or a UserError naming the file."""
+    try:
+        figures = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise UserError(f"--markdown {path} not found: pass the file a benchmark.py --json run wrote") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"--markdown {path} is not a JSON file benchmark.py wrote ({type(e).__name__})") from None
+    if not isinstance(figures, dict):
+        raise UserError(f"--markdown {path} is not a JSON file benchmark.py wrote (not an object)")
+    return figures
+
+
 def markdown_table(r):
     """The README's speed table from benchmark figures (a dict as --json writes it)."""
     ratio = r["train_img_s_bf16"] / r["train_img_s_fp32"]
@@ -289,7 +302,12 @@ def cpu_name():
 
 def main(args):
     if args.markdown:
-        print(markdown_table(json.loads(args.markdown.read_text())))
+        try:
+            print(markdown_table(read_figures(args.markdown)))
+        except KeyError as e:
+            raise UserError(
+                f"--markdown {args.markdown} lacks {e}: rerun python benchmark.py --json {args.markdown}"
+            ) from None
         return None
     device = torch.device("cpu")
     train, testpy = load_script("train"), load_script("test")

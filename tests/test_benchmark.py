@@ -2,7 +2,7 @@
 
 import json
 
-from conftest import ROOT, load_script
+from conftest import ROOT, load_script, run_in_process
 
 
 def test_benchmark_writes_its_figures(tmp_path):
@@ -50,3 +50,14 @@ def test_results_speed_table_is_the_saved_benchmark():
         "RESULTS.md's speed table is not models/benchmark.json's: "
         "paste `python benchmark.py --markdown models/benchmark.json`"
     )
+
+
+def test_markdown_of_a_bad_file_is_a_clear_error(tmp_path):
+    bench = load_script("benchmark")
+    cases = {"missing.json": None, "damaged.json": "{not json", "list.json": "[1]", "partial.json": '{"cpu": "x"}'}
+    for name, text in cases.items():
+        if text is not None:
+            (tmp_path / name).write_text(text)
+        r = run_in_process(bench, "--markdown", tmp_path / name)
+        assert r.returncode == 1 and f"--markdown {tmp_path / name}" in r.stderr and "Traceback" not in r.stderr, name
+    assert "lacks 'train_img_s_bf16'" in r.stderr  # the last case names what is missing
