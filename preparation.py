@@ -99,12 +99,13 @@ def write_images(faces, labels, usage, root, progress=True):
     return counts, written
 
 
-def ferplus_labels(args, labels, usage, bad, rows):
-    """(votes of each face read, FER+'s folder label per face or -1, a summary line) from --ferplus.
+def ferplus_labels(args, ferplus, labels, usage, bad, rows):
+    """(votes of each face read, FER+'s folder label per face or -1, a summary line) from --ferplus, whose
+    read_ferplus (votes, usage) is `ferplus`.
 
     `rows`: each face's data row in the CSV (read_csv's with_rows), so rows --skip-bad left out leave FER+'s too.
     """
-    votes, fp_usage = read_ferplus(args.ferplus)
+    votes, fp_usage = ferplus
     check_ferplus_rows(args.ferplus, args.csv, fp_usage, usage, len(labels) + len(bad), rows)
     votes = votes[rows]
     folder = ferplus_plurality(votes, labels)
@@ -228,10 +229,11 @@ def main(args):
                 f"{DEFAULT_CSV} not found, but data/ holds {', '.join(found)}: "
                 f"python preparation.py --csv data/{found[0]}"
             )
+    ferplus = read_ferplus(args.ferplus) if args.ferplus is not None else None  # the smaller file: its errors first
     faces, labels, usage, bad, rows = read_csv(args.csv, skip_bad=args.skip_bad, progress=progress, with_rows=True)
     votes, folder_labels, ferplus_line = None, labels, None
-    if args.ferplus is not None:
-        votes, folder_labels, ferplus_line = ferplus_labels(args, labels, usage, bad, rows)
+    if ferplus is not None:
+        votes, folder_labels, ferplus_line = ferplus_labels(args, ferplus, labels, usage, bad, rows)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         if remove_leftovers(out, progress):

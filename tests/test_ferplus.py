@@ -244,6 +244,15 @@ def test_mismatched_votes_file_is_refused(kaggle, preparation, tmp_path):
     assert not out.exists()
 
 
+def test_a_bad_votes_file_is_named_before_the_csv_is_read(preparation, tmp_path, monkeypatch):
+    bad = tmp_path / "fer2013new.csv"
+    bad.write_text("not,the,header\n")
+    monkeypatch.setattr(preparation, "read_csv", lambda *a, **k: pytest.fail("the FER2013 CSV was read first"))
+    with pytest.raises(UserError, match=r"--ferplus .*line 1: no column 'Usage'"):
+        args = ["--csv", "x.csv", "--ferplus", str(bad), "--out", str(tmp_path / "o")]
+        preparation.main(preparation.parse_args(args))
+
+
 def test_skip_bad_drops_the_same_rows_of_the_votes(kaggle, preparation, tmp_path):
     lines = kaggle["csv"].read_text().splitlines()
     lines[5] = lines[5].replace(" ", ",", 1)  # row 4 (line 6) is bad
