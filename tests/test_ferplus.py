@@ -248,8 +248,8 @@ def test_a_bad_votes_file_is_named_before_the_csv_is_read(preparation, tmp_path,
     bad = tmp_path / "fer2013new.csv"
     bad.write_text("not,the,header\n")
     monkeypatch.setattr(preparation, "read_csv", lambda *a, **k: pytest.fail("the FER2013 CSV was read first"))
+    args = ["--csv", "x.csv", "--ferplus", str(bad), "--out", str(tmp_path / "o")]
     with pytest.raises(UserError, match=r"--ferplus .*line 1: no column 'Usage'"):
-        args = ["--csv", "x.csv", "--ferplus", str(bad), "--out", str(tmp_path / "o")]
         preparation.main(preparation.parse_args(args))
 
 
