@@ -369,8 +369,8 @@ def main(args):
         return path, int8_1, pt, pt_all
 
     s1, s1_one, s1_pt, s1_pt_all = one_face(args.runs * 2)
-    sb = median_time(lambda: predict_proba(model, faces, device), args.runs)
-    sn = median_time(lambda: predict_proba(model, faces, device, tta=False), args.runs)
+    sb = median_time(lambda: predict_proba(model, faces, device, bf16=True), args.runs)  # as photos classify
+    sn = median_time(lambda: predict_proba(model, faces, device, tta=False, bf16=True), args.runs)
     si = median_time(lambda: rec.classify(faces), args.runs)
     results.update(
         infer_one_face_s=1 / s1,

@@ -190,11 +190,15 @@ def predict_both(
     mean=NORM_MEAN,
     std=NORM_STD,
     batch_size=PREDICT_BATCH,
-    bf16=True,
+    bf16=False,
     shift=TEST_SHIFT,
     mirror=True,
 ):
     """Class probabilities (plain, mirror-averaged) for uint8 faces (N, 48, 48), from the same forward passes.
+
+    float32 unless `bf16` asks for bfloat16 autocast: bfloat16 kernels round differently on AMX, AVX-512 BF16
+    and GPUs, so every figure (--eval, validation, the int8 check) is scored in float32 and one model gives one
+    figure on every machine; only classifying photos and video with PyTorch passes bf16=True, for speed.
 
     Each face is first resampled `shift` pixels off (see TEST_SHIFT), the mirror image after that. Without
     `mirror` only the plain pass runs and both answers are the plain one. `batch_size` counts the images of
@@ -222,9 +226,10 @@ def predict_both(
 
 
 def predict_proba(
-    model, faces, device, mean=NORM_MEAN, std=NORM_STD, tta=True, batch_size=PREDICT_BATCH, bf16=True, shift=TEST_SHIFT
+    model, faces, device, mean=NORM_MEAN, std=NORM_STD, tta=True, batch_size=PREDICT_BATCH, bf16=False, shift=TEST_SHIFT
 ):
-    """Class probabilities (N, C) for uint8 faces (N, 48, 48); with `tta`, averaged with the mirror image."""
+    """Class probabilities (N, C) for uint8 faces (N, 48, 48); with `tta`, averaged with the mirror image; float32
+    unless `bf16` (predict_both)."""
     plain, averaged = predict_both(model, faces, device, mean, std, batch_size, bf16, shift, mirror=tta)
     return averaged if tta else plain
 

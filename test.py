@@ -98,10 +98,11 @@ class Recognizer:
 
     def __init__(
         self, path, device, *, detector="retinaface", detect_size=None, engine="auto", threads=None, head=None,
-        detect_threads=None,
+        detect_threads=None, bf16=True,
     ):  # fmt: skip
         """`threads`: the int8 copy's, `detect_threads` RetinaFace's (defaults INT8_THREADS, DETECT_THREADS);
-        `head`: which answers (default the model's first)."""
+        `head`: which answers (default the model's first); `bf16`: PyTorch classifies in bfloat16 autocast where
+        the CPU has it (photos, video), else float32 (--eval: the same figures on every CPU)."""
         self.path = Path(path)
         ckpt = load_checkpoint(self.path)
         self.device = device
@@ -111,6 +112,7 @@ class Recognizer:
         self.classes = list(ckpt["class_names"])
         self.mean, self.std = ckpt.get("mean", NORM_MEAN), ckpt.get("std", NORM_STD)
         self.size = ckpt.get("input_size", IMAGE_SIZE)
+        self.bf16 = bf16
         self.int8 = self.load_engine(engine, threads)
         self.detector_name, self.detect_size, self._detector = detector, detect_size or PHOTO_DETECT_SIZE, None
         self.detect_threads = detect_threads
@@ -144,7 +146,7 @@ class Recognizer:
         crops = np.asarray(crops, dtype=np.uint8).reshape(-1, self.size, self.size)
         if self.int8 is not None:
             return self.int8.predict_proba(crops)
-        return predict_proba(self.model, crops, self.device, self.mean, self.std).numpy()
+        return predict_proba(self.model, crops, self.device, self.mean, self.std, bf16=self.bf16).numpy()
 
     def boxes(self, bgr):
         """Face boxes (x, y, w, h) in a BGR image, one per face."""
@@ -662,6 +664,7 @@ def main(args):
     if threads:
         torch.set_num_threads(threads)
     settings = {"detector": args.detector, "detect_size": args.detect_size, "engine": engine, "head": args.head}
+    settings["bf16"] = args.eval is None  # a figure is scored in float32 (network.predict_both)
     photos, skipped = expand_inputs(args.inputs) if args.inputs else ([], 0)
     if skipped:
         print(f"skipped {skipped} files that are not images ({', '.join(IMAGE_EXTENSIONS)})")

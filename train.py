@@ -326,14 +326,16 @@ def train_one_epoch(run, tensors, args, procs, *, epoch, progress=True):
     return float(total_loss / seen), float(correct / seen), int(seen)
 
 
-def evaluate(model, data, labels, device, bf16, procs=Dist()):
+def evaluate(model, data, labels, device, procs=Dist()):
     """(with, without test-time augmentation): metrics_from_confusion of `model` on data.val_faces with `labels`,
-    from one pass scored as test.py scores (BatchNorm folded); under torchrun each process scores every world-th."""
+    from one pass scored as test.py --eval scores (BatchNorm folded, float32 whatever the training precision, so
+    that the recorded figures and the best epoch are the same on every CPU); under torchrun each process scores
+    every world-th."""
     faces, classes = data.val_faces, data.classes
     mine = slice(procs.rank, None, procs.world)
     # A CPU answers fastest in small calls (the activations stay in its cache); a GPU wants large ones.
     batch = PREDICT_BATCH if device.type == "cpu" else GPU_PREDICT_BATCH
-    plain, averaged = predict_both(fuse_for_inference(model), faces[mine], device, batch_size=batch, bf16=bf16)
+    plain, averaged = predict_both(fuse_for_inference(model), faces[mine], device, batch_size=batch)
     cms = np.stack([confusion_matrix(labels[mine], p.argmax(1).numpy(), len(classes)) for p in (averaged, plain)])
     cms = np.rint(procs.sum(cms, device)).astype(np.int64)  # one all-reduce for both matrices
     return metrics_from_confusion(cms[0], classes), metrics_from_confusion(cms[1], classes)
@@ -657,7 +659,7 @@ def run_epoch(run, data, tensors, args, procs, *, epoch, progress):
     loss, acc, seen = train_one_epoch(run, tensors, args, procs, epoch=epoch, progress=progress)
     seconds = time.time() - t0
     device = tensors[0].device
-    tta, plain = evaluate(run.ema.module, data, data.val_labels, device, args.bf16, procs)
+    tta, plain = evaluate(run.ema.module, data, data.val_labels, device, procs)
     entry = {"epoch": epoch + 1, "train_loss": loss, "train_acc": acc, "val_acc": tta["accuracy"]}
     entry.update(val_acc_no_tta=plain["accuracy"], val_macro_f1=tta["macro_f1"], seconds=seconds)
     entry["images_per_s"] = seen / seconds
@@ -666,7 +668,7 @@ def run_epoch(run, data, tensors, args, procs, *, epoch, progress):
     metrics.update(per_class=tta["per_class"], confusion=tta["confusion"])
     if len(run.heads) > 1 and data.val_fer2013 is not None:  # the second head, on the faces' FER2013 labels
         head = run.heads[1]
-        other, _ = evaluate(answering_with(run.ema.module, head), data, data.val_fer2013, device, args.bf16, procs)
+        other, _ = evaluate(answering_with(run.ema.module, head), data, data.val_fer2013, device, procs)
         entry[f"val_acc_{head}_head"] = other["accuracy"]
         metrics["labels"] = f"the {run.heads[0]} head on {data.val_name}'s labels"
         scores = {"labels": "FER2013's", "accuracy": other["accuracy"], "macro_f1": other["macro_f1"]}

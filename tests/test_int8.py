@@ -46,7 +46,7 @@ def test_photos_use_the_copy_and_eval_uses_pytorch(model_with_copy, testpy):
     assert np.array_equal(rec.classify(faces), rec.int8.predict_proba(faces))
     pt = testpy.Recognizer(model_with_copy, CPU, engine="pytorch")
     assert pt.int8 is None
-    expected = network.predict_proba(pt.model, faces, CPU, pt.mean, pt.std).numpy()
+    expected = network.predict_proba(pt.model, faces, CPU, pt.mean, pt.std, bf16=True).numpy()  # photos: bf16
     assert np.array_equal(pt.classify(faces), expected)
     # --eval keeps PyTorch unless --engine int8 is asked for, so the scores it reports are the model's own.
     csv = write_csv(model_with_copy.parent / "f.csv", *synthetic_faces(14))
@@ -73,7 +73,8 @@ def test_a_stale_copy_is_never_used(model_with_copy, testpy, capsys):
     with pytest.raises(UserError, match="--engine int8: .*made from another version.*export_int8.py"):
         testpy.Recognizer(model_with_copy, CPU, engine="int8")
     faces = synthetic_faces(7)[0]
-    assert np.array_equal(rec.classify(faces), network.predict_proba(rec.model, faces, CPU, rec.mean, rec.std).numpy())
+    expected = network.predict_proba(rec.model, faces, CPU, rec.mean, rec.std, bf16=True).numpy()  # photos: bf16
+    assert np.array_equal(rec.classify(faces), expected)
 
 
 def test_a_copy_for_other_classes_or_damaged_is_not_used(model_with_copy, testpy, capsys):
