@@ -66,7 +66,10 @@ from network import (
     build_model,
     count_parameters,
     fuse_for_inference,
+    head_names,
+    model_from_checkpoint,
     predict_both,
+    predict_proba,
     to_input,
     write_int8,
 )
@@ -118,6 +121,10 @@ RECIPE = {
     "class_weight_power": CLASS_WEIGHT_POWER,
     "tone": {"p": TONE_P, "gamma": TONE_GAMMA, "contrast": list(TONE_CONTRAST), "brightness": TONE_BRIGHTNESS},
 }
+# Distillation (--teacher A.pt [B.pt ...]): each head's target is this share of the teachers' mean probabilities
+# (each teacher's own head of that name, on the unaugmented face and its mirror image, computed once at the start),
+# the rest today's target (the vote shares; FER2013's label). Several seeds' average beats each seed (RESULTS.md).
+TEACHER_WEIGHT = 0.5
 
 
 # ---------------------------------------------------------------------------------------------
@@ -290,7 +297,7 @@ def ema_with_warmup(decay):
 def train_one_epoch(run, tensors, args, procs, *, epoch, progress=True):
     """One pass over the training faces in a seeded order; returns (mean loss, accuracy, images), summed over the
     processes under torchrun. `tensors`: faces, labels, vote shares and FER2013 labels (None, None with one head)."""
-    faces, labels, shares, fer2013 = tensors
+    faces, labels, shares, fer2013, taught = tensors
     device = faces.device
     seed = (args.seed * 1000 + epoch) * procs.world + procs.rank  # one process: seed * 1000 + epoch
     gen = torch.Generator().manual_seed(seed)
@@ -309,9 +316,13 @@ def train_one_epoch(run, tensors, args, procs, *, epoch, progress=True):
             logits = run.train_model(x)
             if run.vote_loss is not None:  # the answering head learns the vote shares, the other FER2013's label
                 logits, fer2013_logits = logits
-                loss = run.vote_loss(logits.float(), shares[idx]) + run.loss(fer2013_logits.float(), fer2013[idx])
+                votes, label = (
+                    blend(shares[idx], taught, run.heads[0], idx),
+                    blend(fer2013[idx], taught, "fer2013", idx),
+                )
+                loss = run.vote_loss(logits.float(), votes) + run.loss(fer2013_logits.float(), label)
             else:
-                loss = run.loss(logits.float(), labels[idx])
+                loss = run.loss(logits.float(), blend(labels[idx], taught, run.heads[0], idx))
         run.optimizer.zero_grad(set_to_none=True)
         run.scaler.scale(loss).backward()
         run.scaler.step(run.optimizer)
@@ -324,6 +335,40 @@ def train_one_epoch(run, tensors, args, procs, *, epoch, progress=True):
         bar.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{correct / seen:.3f}")
     total_loss, correct, seen = procs.sum([total_loss, correct, seen], device)
     return float(total_loss / seen), float(correct / seen), int(seen)
+
+
+def blend(target, taught, head, idx):
+    """`target` (vote shares, or class indices) as it is without teachers; with them, (1 - TEACHER_WEIGHT) of it and
+    TEACHER_WEIGHT of the teachers' mean probabilities for these faces from `head` (teacher_probabilities)."""
+    if taught is None:
+        return target
+    if target.ndim == 1:  # class indices: one-hot, so that the cross-entropy takes the blend as probabilities
+        target = F.one_hot(target, taught[head].shape[1]).float()
+    return (1 - TEACHER_WEIGHT) * target + TEACHER_WEIGHT * taught[head][idx]
+
+
+def teacher_probabilities(paths, faces, classes, heads, device, bf16, log):
+    """{head: (N, C) float32} the teachers' class probabilities for each training face, averaged over the teachers;
+    each head's from the teacher's head of the same name, scored as test.py scores a face (its mirror averaged in)."""
+    sums = {}
+    for path in paths:
+        ck = load_checkpoint(path, missing_hint="pass model files (.pt) that train.py wrote")
+        if list(ck.get("class_names", [])) != list(classes):
+            raise UserError(
+                f"--teacher {path} was trained on other classes ({', '.join(ck.get('class_names', []))}): "
+                f"pass models trained on {', '.join(classes)}"
+            )
+        if missing := [h for h in heads if h not in head_names(ck)]:
+            raise UserError(
+                f"--teacher {path} has no {missing[0]} head (it has {', '.join(head_names(ck))}): "
+                "pass models trained with the same labels (preparation.py --ferplus for two heads)"
+            )
+        t0 = time.time()
+        for h in heads:
+            p = predict_proba(model_from_checkpoint(ck, device, path, head=h), faces, device, bf16=bf16)
+            sums[h] = sums.get(h, 0) + p.float()
+        log(f"teacher {display_path(path)}: {len(faces):,} faces, {', '.join(heads)} heads, {time.time() - t0:.0f}s")
+    return {h: (s / len(paths)).to(device) for h, s in sums.items()}
 
 
 def evaluate(model, data, labels, device, procs=Dist()):
@@ -390,7 +435,8 @@ def output_paths(out, plots_dir):
 def save_epoch(run, data, args, epoch, history, best, is_best, facts, started, backup=None):
     """This epoch's files, each written whole: the model when it is the best so far (keeping the model it replaces
     at `backup`), the *.last.pt checkpoint for --resume, the metrics JSON (with `facts`: device, bf16, processes)."""
-    train_args = {k: (project_relative(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    relative = lambda v: project_relative(v) if isinstance(v, Path) else v  # noqa: E731
+    train_args = {k: ([relative(x) for x in v] if isinstance(v, list) else relative(v)) for k, v in vars(args).items()}
     wall = time.time() - started  # one figure for the checkpoint and the metrics JSON
     described = {"arch": DEFAULT_ARCH, "arch_args": run.arch_args, "heads": list(run.heads)}
     described.update(class_names=list(data.classes), train_args=train_args, recipe=RECIPE)
@@ -400,6 +446,8 @@ def save_epoch(run, data, args, epoch, history, best, is_best, facts, started, b
         atomic_save({**ckpt, "state_dict": run.ema.module.state_dict(), "metrics": best["metrics"]}, args.out, backup)
     last = {"state_dict": run.model.state_dict(), "ema": run.ema.state_dict(), "optimizer": run.optimizer.state_dict()}
     last.update(scheduler=run.scheduler.state_dict(), scaler=run.scaler.state_dict(), history=history, best=best)
+    if args.teacher:  # where --resume finds them on this machine (train_args has only their names outside the project)
+        last["teacher_paths"] = [str(Path(t).resolve()) for t in args.teacher]
     atomic_save({**ckpt, **last, "wall_seconds": wall}, output_paths(args.out, args.plots)["last"])
     metrics = {"model": str(args.out.name), **described, "parameters": count_parameters(run.model)}
     metrics.update(best_epoch=best["epoch"], epochs_run=epoch + 1, validation=best["metrics"], history=history)
@@ -462,6 +510,9 @@ def parse_args(argv=None):
     add("--device", choices=DEVICES, default="auto", help="device (default: auto = cuda, then mps, then cpu)")
     add("--max-batches", type=int, help="stop each epoch after N batches, for a quick try (default: 0 = all)")
     add("--resume", type=Path, help="continue from a *.last.pt checkpoint with its own schedule (default: start fresh)")
+    teach = f"distil: learn {TEACHER_WEIGHT:.0%} from these models' averaged probabilities, the rest from the labels "
+    teach += "(models of the same classes and heads; default: none)"
+    add("--teacher", type=Path, nargs="+", metavar="MODEL.pt", help=teach)
     bf16 = "train in float32 (default: bfloat16 autocast where the CPU or GPU supports it)"
     add("--no-bf16", dest="bf16", action="store_false", help=bf16)
     add("--no-progress", action="store_true", help="no progress bars (default: shown)")
@@ -478,6 +529,9 @@ def parse_args(argv=None):
         p.error(f"--val {args.val} not found: {VAL_HELP}")
     if args.val is not None and args.val.is_file() and not args.val.name.endswith((".csv", ".csv.gz")):
         p.error(f"--val {args.val} is neither a .csv/.csv.gz file nor a folder: {VAL_HELP}")
+    for t in args.teacher or []:  # checked before minutes of loading the training images
+        if not t.is_file():
+            p.error(f"--teacher {t} not found: pass model files (.pt) that train.py wrote")
     if args.resume is None:  # with --resume the checkpoint's schedule fills them in (resume_schedule)
         for k, v in SCHEDULE_DEFAULTS.items():
             if getattr(args, k) is None:
@@ -504,6 +558,11 @@ def resume_schedule(args):
             setattr(args, k, was)
         elif getattr(args, k) != was:
             clashes.append(f"--{k.replace('_', '-')} {was} (not {getattr(args, k)})")
+    was = [Path(t) for t in ck.get("teacher_paths") or [REPO_ROOT / t for t in recorded.get("teacher") or []]] or None
+    if args.teacher is None:
+        args.teacher = was
+    elif was is None or [t.resolve() for t in args.teacher] != [t.resolve() for t in was]:
+        clashes.append(f"--teacher {' '.join(map(str, was or ['(none)']))}")
     if clashes:
         raise UserError(
             f"--resume {args.resume}: that run was started with {', '.join(clashes)}; resume without "
@@ -699,6 +758,10 @@ def train(args, device, procs, resumed=None, backup=None):
     # uint8 on the training device: tens of MB for FER2013, so a GPU augments and trains without a loader.
     on_device = lambda a: torch.from_numpy(a).to(device) if a is not None else None  # noqa: E731
     tensors = tuple(on_device(a) for a in (data.faces, data.labels, data.shares, data.fer2013_labels))
+    taught = None
+    if args.teacher:
+        taught = teacher_probabilities(args.teacher, data.faces, data.classes, run.heads, device, args.bf16, log)
+    tensors += (taught,)
     saved_model, epochs_saved = False, 0
     try:
         for epoch in range(start_epoch, args.epochs):

@@ -341,6 +341,87 @@ def test_two_head_run(train, testpy, prepared, tmp_path, monkeypatch, capsys):
 
 
 # ---------------------------------------------------------------------------------------------
+# train.py --teacher: distillation
+
+
+@pytest.fixture(scope="module")
+def teacher(train, prepared, tmp_path_factory):
+    """A two-head model trained for one short epoch on the prepared faces: a teacher for the runs below."""
+    out, _, _ = prepared
+    path = tmp_path_factory.mktemp("teacher") / "t.pt"
+    args = ["--data", str(out / "Train data"), "--out", str(path), "--epochs", "1", "--max-batches", "2"]
+    real = train.write_int8_copy
+    train.write_int8_copy = lambda *a, **k: None
+    try:
+        train.main(train.parse_args([*args, "--batch-size", "16", "--no-progress", "--device", "cpu", "--seed", "5"]))
+    finally:
+        train.write_int8_copy = real
+    return path
+
+
+def test_a_student_learns_the_blend_of_the_labels_and_the_teachers(train, prepared, teacher, tmp_path, monkeypatch):
+    out, _, _ = prepared
+    monkeypatch.setattr(train, "write_int8_copy", lambda *a, **k: None)
+    real_cross_entropy, targets = torch.nn.functional.cross_entropy, []
+
+    def spy(logits, target, *args, **kwargs):
+        targets.append(target.detach().cpu().numpy())
+        return real_cross_entropy(logits, target, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", spy)
+    model = tmp_path / "s.pt"
+    args = ["--data", str(out / "Train data"), "--out", str(model), "--epochs", "1", "--max-batches", "2"]
+    args += ["--batch-size", "16", "--no-progress", "--device", "cpu", "--teacher", str(teacher), str(teacher)]
+    train.main(train.parse_args(args))
+    faces, _, classes, _, paths = common.load_image_folder(out / "Train data", progress=False)
+    shares, fer2013 = common.read_votes(out / "Train data", paths, classes)
+    # as the run computes them: in its precision (bfloat16 where the CPU has it), averaged over the two teachers
+    taught = train.teacher_probabilities([teacher], faces, classes, ["ferplus", "fer2013"], torch.device("cpu"), True,
+                                         lambda *a: None)  # fmt: skip
+    w = train.TEACHER_WEIGHT
+    votes = w * taught["ferplus"].numpy() + (1 - w) * shares
+    labels = w * taught["fer2013"].numpy() + (1 - w) * np.eye(7, dtype=np.float32)[fer2013]
+    assert 0 < w < 1 and len(targets) == 4
+    for want, got in ((votes, targets[0::2]), (labels, targets[1::2])):  # each batch: the vote head, then FER2013's
+        for t in np.concatenate(got):
+            assert t.shape == (7,) and np.isclose(t.sum(), 1, atol=1e-5)
+            assert np.abs(want - t).max(1).min() < 1e-5, "a target that is no face's blend of labels and teachers"
+    recorded = torch.load(model.with_name("s.last.pt"), weights_only=True)["train_args"]["teacher"]
+    assert len(recorded) == 2 and all(r.endswith("t.pt") for r in recorded)
+
+
+def test_a_resumed_student_keeps_its_teachers_or_refuses(train, prepared, teacher, tmp_path, monkeypatch):
+    out, _, _ = prepared
+    monkeypatch.setattr(train, "write_int8_copy", lambda *a, **k: None)
+    model = tmp_path / "s.pt"
+    args = ["--data", str(out / "Train data"), "--out", str(model), "--max-batches", "2", "--batch-size", "16"]
+    args += ["--no-progress", "--device", "cpu"]
+    train.main(train.parse_args([*args, "--epochs", "1", "--teacher", str(teacher)]))
+    last = model.with_name("s.last.pt")
+    resumed = train.parse_args([*args, "--resume", str(last)])
+    train.resume_schedule(resumed)
+    assert [p.name for p in resumed.teacher] == ["t.pt"] and resumed.teacher[0].is_file()
+    other = train.parse_args([*args, "--resume", str(last), "--teacher", str(teacher), str(teacher)])
+    with pytest.raises(UserError, match="--resume .* started with --teacher"):
+        train.resume_schedule(other)
+
+
+def test_bad_teachers_are_named(train, prepared, teacher, tiny_model, tmp_path, capsys):
+    out, _, _ = prepared
+    args = ["--data", str(out / "Train data"), "--out", str(tmp_path / "s.pt"), "--epochs", "1", "--no-progress"]
+    with pytest.raises(SystemExit):
+        train.parse_args([*args, "--teacher", str(tmp_path / "nope.pt")])
+    err = capsys.readouterr().err
+    assert "--teacher" in err and "nope.pt not found" in err
+    faces, _, classes, _, _ = common.load_image_folder(out / "Train data", progress=False)
+    cpu, quiet = torch.device("cpu"), lambda *a: None
+    with pytest.raises(UserError, match=r"--teacher .*tiny.pt has no ferplus head"):  # a one-head model
+        train.teacher_probabilities([tiny_model], faces, classes, ["ferplus", "fer2013"], cpu, False, quiet)
+    with pytest.raises(UserError, match=r"--teacher .*t.pt was trained on other classes"):
+        train.teacher_probabilities([teacher], faces, classes[::-1], ["ferplus", "fer2013"], cpu, False, quiet)
+
+
+# ---------------------------------------------------------------------------------------------
 # test.py --eval CSV --ferplus FILE
 
 
