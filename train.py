@@ -510,7 +510,7 @@ def parse_args(argv=None):
     add("--device", choices=DEVICES, default="auto", help="device (default: auto = cuda, then mps, then cpu)")
     add("--max-batches", type=int, help="stop each epoch after N batches, for a quick try (default: 0 = all)")
     add("--resume", type=Path, help="continue from a *.last.pt checkpoint with its own schedule (default: start fresh)")
-    teach = f"distil: learn {TEACHER_WEIGHT:.0%} from these models' averaged probabilities, the rest from the labels "
+    teach = f"distil: learn {TEACHER_WEIGHT:.0%}% from these models' averaged probabilities, the rest from the labels "
     teach += "(models of the same classes and heads; default: none)"
     add("--teacher", type=Path, nargs="+", metavar="MODEL.pt", help=teach)
     bf16 = "train in float32 (default: bfloat16 autocast where the CPU or GPU supports it)"
