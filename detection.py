@@ -87,7 +87,7 @@ def with_border_retry(detect_once, image, pad=PAD_RETRY):
         return boxes
     p = int(round(pad * max(image.shape[:2])))
     padded = cv2.copyMakeBorder(image, p, p, p, p, cv2.BORDER_REPLICATE)
-    return [(x - p, y - p, w, h, s) for x, y, w, h, s in detect_once(padded)]
+    return [(b[0] - p, b[1] - p, *b[2:5], *(points - p for points in b[5:])) for b in detect_once(padded)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -140,7 +140,7 @@ class RetinaFaceDetector:
         small, scale = shrink(bgr, self.max_side)
         h, w = small.shape[:2]
         x = np.ascontiguousarray((small.astype(np.float32) - _MEAN_BGR).transpose(2, 0, 1)[None])
-        loc, conf, _landmarks = self.session.run(None, {self.input: x})
+        loc, conf, landmarks = self.session.run(None, {self.input: x})
         anchors = self._anchors.get((w, h))
         if anchors is None:  # one size cached (a video's frames share it), replaced whole: threads may share it
             anchors = _anchors(w, h)
@@ -149,11 +149,14 @@ class RetinaFaceDetector:
         keep = scores > self.threshold
         if not keep.any():
             return []
-        loc, anchors, scores = loc[0, keep], anchors[keep], scores[keep]
+        loc, anchors, scores, landmarks = loc[0, keep], anchors[keep], scores[keep], landmarks[0, keep]
         centre = anchors[:, :2] + loc[:, :2] * _VARIANCE_CENTRE * anchors[:, 2:]
         size = anchors[:, 2:] * np.exp(loc[:, 2:] * _VARIANCE_SIZE)
         boxes = np.hstack([centre - size / 2, size]) / scale
-        return merge_overlapping([(*map(float, b), float(s)) for b, s in zip(boxes, scores)])
+        # Five points a face, in the image's left-to-right order: eye, eye, nose tip, mouth corner, mouth corner.
+        points = (anchors[:, None, :2] + landmarks.reshape(-1, 5, 2) * _VARIANCE_CENTRE * anchors[:, None, 2:]) / scale
+        found = [(*map(float, b), float(s), p.astype(float)) for b, s, p in zip(boxes, scores, points)]
+        return merge_overlapping(found)
 
     def detect(self, bgr):
         if bgr.ndim == 2:
@@ -250,6 +253,9 @@ def load_detector(name, max_side=PHOTO_DETECT_SIZE, threads=None, **settings):
 # ---------------------------------------------------------------------------------------------
 # Crops
 
+# A face rolled less than this many degrees is cut as it is: a warp would only blur it.
+MIN_ROLL = 1.0
+
 
 def fer_square(box, framing):
     """The square (x, y, side, side) that frames a detector's (x, y, w, h) box as FER2013 frames a face."""
@@ -261,11 +267,43 @@ def fer_square(box, framing):
     return cx - side / 2, cy - side / 2, side, side
 
 
-def crop_face(gray, box, size=IMAGE_SIZE, framing=None):
+def eye_roll(points):
+    """Degrees the face is rolled by, from a detector's landmarks (its first two points: the eyes, image left
+    first), positive where the image-right eye is lower; 0 where there are none."""
+    if points is None:
+        return 0.0
+    (lx, ly), (rx, ry) = points[0], points[1]
+    return math.degrees(math.atan2(ry - ly, rx - lx))
+
+
+def upright(gray, box, framing, roll):
+    """The part of `gray` around a detection's FER-like square turned by `roll` degrees about the square's centre
+    (eyes level), and the square's (x, y, side, side) in it: crop_face then cuts as it cuts an upright face."""
+    x, y, side, _ = fer_square(box, framing)
+    cx, cy = x + side / 2, y + side / 2
+    half = int(math.ceil(side * 0.75)) + 2  # the square's corners stay inside at any roll (side / sqrt(2) < 0.75)
+    x0, y0 = int(math.floor(cx)) - half, int(math.floor(cy)) - half
+    height, width = gray.shape[:2]
+    pad = max(0, -x0, -y0, x0 + 2 * half - width, y0 + 2 * half - height)
+    if pad:
+        gray = cv2.copyMakeBorder(gray, pad, pad, pad, pad, cv2.BORDER_REPLICATE)
+    patch = gray[y0 + pad : y0 + pad + 2 * half, x0 + pad : x0 + pad + 2 * half]
+    turn = cv2.getRotationMatrix2D((cx - x0, cy - y0), roll, 1.0)
+    patch = cv2.warpAffine(patch, turn, (2 * half, 2 * half), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    return patch, (x - x0, y - y0, side, side)
+
+
+def crop_face(gray, box, size=IMAGE_SIZE, framing=None, points=None):
     """The face in `box` (x, y, w, h) of a gray image as size x size uint8, framed by `framing` (a detector's).
 
-    Where the frame reaches past the image, the image's edges are repeated.
+    With a detector's landmarks (`points`: RetinaFace's five) the face is first turned upright about the frame's
+    centre so that its eyes are level (eye_roll): FER2013's faces are mostly upright, photos' often are not
+    (RESULTS.md, "Faces turned upright"). Where the frame reaches past the image, the image's edges are repeated.
     """
+    roll = eye_roll(points)
+    if abs(roll) >= MIN_ROLL:
+        gray, box = upright(gray, box, framing, roll)
+        framing = None
     x, y, w, h = (int(round(v)) for v in fer_square(box, framing))
     w, h = max(w, 1), max(h, 1)
     height, width = gray.shape[:2]

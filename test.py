@@ -149,12 +149,13 @@ class Recognizer:
         return predict_proba(self.model, crops, self.device, self.mean, self.std, bf16=self.bf16).numpy()
 
     def boxes(self, bgr):
-        """Face boxes (x, y, w, h) in a BGR image, one per face."""
-        return [b[:4] for b in self.detector.detect(bgr)]
+        """The faces found in a BGR image, one per face: (x, y, w, h, score[, landmarks]) as the detector gives."""
+        return self.detector.detect(bgr)
 
     def crop(self, gray, box):
-        """The face in a detector's box, framed as FER2013 frames its faces."""
-        return crop_face(gray, box, self.size, self.detector.framing)
+        """The face in a detector's box, framed as FER2013 frames its faces, upright by its landmarks where the
+        detector gives them (crop_face)."""
+        return crop_face(gray, box[:4], self.size, self.detector.framing, box[5] if len(box) > 5 else None)
 
     def faces_in(self, bgr):
         """Every face in a BGR image as a face dict {'box', 'emotion', 'confidence', 'probabilities'}, one batch."""
