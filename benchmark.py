@@ -3,6 +3,7 @@
     python benchmark.py                 # medians of 5 runs each
     python benchmark.py --runs 9 --model models/Facial_Emotion_Recognizer.pt
     python benchmark.py --markdown models/benchmark.json   # the README's speed table from saved figures
+    python benchmark.py --cold-start .venv/bin/python light/bin/python --sizes .venv light   # the whole process
 
 Prints, as medians of --runs runs: training images/s in float32 and bfloat16 (one optimiser step
 on a batch of synthetic faces, augmentation included), inference faces/s one at a time and in
@@ -10,6 +11,10 @@ batches, test.py's work on one photo (detection and classification apart), and h
 training runs to the CPU's limit: training FLOPs per image times images/s over a large bfloat16
 matmul's FLOP/s, measured in the same run. Then test.py's photos/s on a folder of --photos generated
 photos, one at a time and on its workers, side by side (the whole folder once each, not medians).
+
+With --cold-start, only the whole process a user starts: `python test.py --photo` from the shell, once per
+interpreter named (a light and a full install's, say), --runs times each in turn, side by side: median wall time
+and median peak memory (the process's maximum resident set). With --sizes, each virtual environment's size on disk.
 """
 
 import argparse
@@ -17,6 +22,7 @@ import contextlib
 import importlib.util
 import io
 import json
+import os
 import platform
 import shutil
 import statistics
@@ -32,10 +38,16 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from common import REPO_ROOT, UserError, load_checkpoint, read_csv, read_image, run_main
-from detection import VIDEO_DETECT_SIZE, FaceTracker, letterbox
-from drawing import annotate
-from network import build_model, cpu_has_bf16, model_from_checkpoint, predict_proba, to_input
+from ferlite.detection import VIDEO_DETECT_SIZE, letterbox
+from ferlite.drawing import annotate
+from ferlite.errors import UserError, run_main
+from ferlite.fer2013 import read_csv
+from ferlite.files import REPO_ROOT, write_json
+from ferlite.images import read_image
+from ferlite.recognizer import ALIGN_VIDEO
+from ferlite.tracking import FaceTracker
+from ferlite.training.checkpoints import load_checkpoint
+from ferlite.training.network import build_model, cpu_has_bf16, model_from_checkpoint, predict_proba, to_input
 
 
 def load_script(name):
@@ -200,6 +212,14 @@ def parse_args(argv=None):
     )
     p.add_argument("--json", type=Path, default=None, help="also write the figures to this JSON file (default: none)")
     p.add_argument(
+        "--cold-start",
+        nargs="+",
+        metavar="PYTHON",
+        help="time `PYTHON test.py --photo` as a whole process, for each interpreter named (default: off)",
+    )
+    p.add_argument("--project", type=Path, default=REPO_ROOT, help="--cold-start: whose test.py (default: this one)")
+    p.add_argument("--sizes", nargs="+", type=Path, metavar="VENV", help="size on disk of each venv (default: none)")
+    p.add_argument(
         "--markdown",
         type=Path,
         default=None,
@@ -300,7 +320,70 @@ def cpu_name():
     return platform.processor() or platform.machine() or "unknown CPU"
 
 
+# Times one whole process and reads its peak memory from a small Python of its own: a child forked from this
+# process (PyTorch loaded, hundreds of MB) would count this process's pages as its own peak, since Linux keeps the
+# peak across exec.
+LAUNCHER = """import os, sys, time
+t = time.perf_counter()
+pid = os.fork()
+if pid == 0:
+    os.execv(sys.argv[1], sys.argv[1:])
+_, status, usage = os.wait4(pid, 0)
+print(time.perf_counter() - t, usage.ru_maxrss, os.waitstatus_to_exitcode(status))
+"""
+
+
+def process_run(cmd, cwd):
+    """(wall seconds, peak resident memory in MB) of one whole process `cmd`, its output discarded."""
+    r = subprocess.run(
+        [sys.executable, "-S", "-c", LAUNCHER, *map(str, cmd)], cwd=cwd, capture_output=True, text=True, check=False
+    )
+    try:
+        wall, kb, code = r.stdout.split()[-3:]
+    except ValueError:
+        code = "?"
+    if r.returncode or code != "0":
+        raise UserError(f"{' '.join(map(str, cmd))} failed (exit {code}): {r.stderr.strip()[-300:]}")
+    return float(wall), int(kb) / 1024
+
+
+def venv_mb(path):
+    """Megabytes of the files under `path` (a virtual environment), links not followed."""
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"--sizes {path} is not a folder: name a virtual environment")
+    return sum(f.lstat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink()) / 1e6
+
+
+def cold_start(args):
+    """--cold-start and --sizes: the whole process of test.py on one photo per interpreter, side by side."""
+    results = {}
+    for venv in args.sizes or []:
+        results[f"size_mb {venv}"] = venv_mb(venv)
+        print(f"{venv}: {results[f'size_mb {venv}']:,.0f} MB on disk")
+    pythons = args.cold_start or []
+    with tempfile.TemporaryDirectory() as tmp:
+        # the interpreter's path as given, made absolute (a venv's python is a link that must not be resolved)
+        cmds = {py: [os.path.abspath(py), "test.py", str(args.photo.resolve()), "--out", tmp] for py in pythons}
+        for cmd in cmds.values():
+            process_run(cmd, args.project)  # once untimed: files into the page cache, as for a user's second run
+        times = {py: [] for py in pythons}
+        for _ in range(args.runs):
+            for py, cmd in cmds.items():  # in turn, so a noisy minute falls on every interpreter alike
+                times[py].append(process_run(cmd, args.project))
+    for py, runs in times.items():
+        wall, peak = statistics.median(w for w, _ in runs), statistics.median(m for _, m in runs)
+        results[f"cold_start {py}"] = {"wall_s": wall, "peak_mb": peak, "runs": runs}
+        print(f"{py} test.py {args.photo.name} ({args.project}): wall {wall:.2f} s, peak memory {peak:.0f} MB "
+              f"(medians of {len(runs)})")  # fmt: skip
+    if args.json:
+        write_json(results, args.json)
+    return results
+
+
 def main(args):
+    if args.cold_start or args.sizes:
+        return cold_start(args)
     if args.markdown:
         try:
             print(markdown_table(read_figures(args.markdown)))
@@ -408,8 +491,10 @@ def main(args):
     tracker = FaceTracker(video.classes)
 
     def video_frame(runs):
-        frame_time = lambda: median_time(lambda: annotate(frame, tracker.update(video.faces_in(frame), frame)), runs)  # noqa: E731
-        return with_threads(testpy.INFERENCE_THREADS, frame_time)
+        def one_frame():
+            return annotate(frame, tracker.update(video.faces_in(frame, upright=ALIGN_VIDEO), frame))
+
+        return with_threads(testpy.INFERENCE_THREADS, lambda: median_time(one_frame, runs))
 
     sv = video_frame(args.runs * 4)
     results.update(video_640x480_fps=1 / sv, video_faces=len(video.faces_in(frame)))

@@ -30,24 +30,22 @@ import matplotlib
 import numpy as np
 from tqdm import tqdm
 
-from common import (
-    EMOTIONS,
+from ferlite.errors import Interrupted, UserError, run_main
+from ferlite.fer2013 import (
     FERPLUS_COLUMNS,
     FERPLUS_VOTES_FILE,
     FINAL_TEST,
-    REPO_ROOT,
     TRAINING,
     VALIDATION,
-    Interrupted,
-    UserError,
     check_ferplus_rows,
     describe_bad,
     ferplus_plurality,
     read_csv,
     read_ferplus,
-    run_main,
     write_votes,
 )
+from ferlite.files import REPO_ROOT
+from ferlite.names import EMOTIONS
 
 matplotlib.use("Agg")  # before pyplot: plots are files, and a machine without a display must draw them too
 import matplotlib.pyplot as plt  # noqa: E402

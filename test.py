@@ -9,14 +9,19 @@
 
 Faces are found with RetinaFace (or OpenCV's Haar cascade, --detector haar) and cut out framed as
 FER2013 frames its faces; all faces of a photo or frame are classified in one batch, each resampled
-a quarter pixel off as training's warps resample every face (network.TEST_SHIFT), with the mirror
-image averaged in (as train.py validates). In a video each face is followed from frame to frame and
+a quarter pixel off as training's warps resample every face (network.TEST_SHIFT in ferlite.training),
+with the mirror image averaged in (as train.py validates). In a video each face is followed from frame to frame and
 its answer averaged over the last --smooth frames, so a still face keeps its label.
+
+Built on ferlite.Recognizer (the Python API): the model's int8 ONNX copy answers, in ONNX Runtime, with no
+PyTorch (the light install). PyTorch answers where asked (--engine pytorch, --device cuda) and scores a `.pt`
+for --eval, in the full install.
 """
 
 import argparse
 import contextlib
 import csv
+import importlib.util
 import json
 import os
 import sys
@@ -26,46 +31,21 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import cv2
-import numpy as np
-import torch
 from tqdm import tqdm
 
-from common import (
-    DEVICES,
-    IMAGE_EXTENSIONS,
-    IMAGE_SIZE,
-    REPO_ROOT,
-    ImageReadError,
-    Interrupted,
-    UserError,
-    atomic_write,
-    choose_device,
-    confusion_matrix,
-    ferplus_scores,
-    is_image_file,
-    load_checkpoint,
-    load_labelled,
-    metrics_from_confusion,
-    plot_confusion,
-    read_image,
-    run_main,
-    write_json,
-)
-from detection import (
-    DETECTORS,
-    PHOTO_DETECT_SIZE,
-    SMOOTH_FRAMES,
-    VIDEO_DETECT_SIZE,
-    FaceTracker,
-    crop_face,
-    detector_class,
-    load_detector,
-    track_summaries,
-)
-from drawing import annotate, mistakes_sheet, plot_timeline
-from network import NORM_MEAN, NORM_STD, head_names, int8_path, load_int8, model_from_checkpoint, predict_proba
+from ferlite import recognizer as api
+from ferlite.detection import DETECTORS, PHOTO_DETECT_SIZE, VIDEO_DETECT_SIZE, crop_face, detector_class
+from ferlite.drawing import annotate, mistakes_sheet, plot_timeline
+from ferlite.errors import ImageReadError, Interrupted, UserError, run_main
+from ferlite.fer2013 import load_labelled
+from ferlite.files import REPO_ROOT, atomic_write, write_json
+from ferlite.images import IMAGE_EXTENSIONS, is_image_file, read_image, to_gray
+from ferlite.names import DEVICES
+from ferlite.onnx_model import int8_path, load_int8
+from ferlite.scoring import confusion_matrix, ferplus_scores, metrics_from_confusion, plot_confusion
+from ferlite.tracking import SMOOTH_FRAMES, track_summaries
 
-DEFAULT_MODEL = REPO_ROOT / "models" / "Facial_Emotion_Recognizer.pt"
+DEFAULT_MODEL = api.DEFAULT_MODEL
 SAMPLE_PHOTO = REPO_ROOT / "samples" / "grace_hopper.jpg"
 # Photos, video and camera classify a few faces a call with PyTorch: too little work to share between threads,
 # and a second thread stalls whenever another program holds a core (RESULTS.md, "Speed"). --eval's large
@@ -73,14 +53,12 @@ SAMPLE_PHOTO = REPO_ROOT / "samples" / "grace_hopper.jpg"
 INFERENCE_THREADS = 1
 # Photos, video and camera classify with the model's int8 copy where it was made from the model file loaded:
 # many times faster a face on a CPU, nearly always the same answer (RESULTS.md, "Speed"). --eval keeps
-# PyTorch, so the scores it reports are the model's own.
+# PyTorch where it is installed, so the scores it reports are the model's own.
 ENGINES = ("auto", "int8", "pytorch")
 HAAR_GONE = "--detector haar searches with the same settings on every photo; drop the flag"
 REMOVED_FLAGS = {"--no-detect": "use --detector none", **dict.fromkeys(
     ("--scale-factor", "--min-neighbors", "--min-weight", "--min-face"), HAAR_GONE)}  # fmt: skip
-# The int8 copy runs on two threads that sleep when idle (network.Int8Model): ahead of one thread on an idle
-# 2-core machine, and still with another program holding a core (RESULTS.md, "Speed").
-INT8_THREADS = 2
+INT8_THREADS = api.INT8_THREADS
 PHOTO_LINES = 20  # up to this many photos get a line per face; more get one progress bar (the records have it all)
 # Photos read, searched and annotated at once, a thread each: decoding and drawing use one core whatever the
 # detector's threads, so two photos at a time keep two cores busy (benchmark.py, "photos/s").
@@ -88,45 +66,66 @@ PHOTO_WORKERS = min(8, os.cpu_count() or 1)
 PROGRESS_FILE = "photos_done.jsonl"  # a line per finished photo, for --skip-done after an interrupted run
 
 
-def to_gray(bgr):
-    """8-bit gray copy of a BGR image."""
-    return cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY)
+def pytorch(flag):
+    """PyTorch's ferlite.training modules (checkpoints, network), imported only where a flag needs them; where
+    PyTorch is not installed (the light install), one line naming the flag and the install that brings it."""
+    try:
+        # Here, only where a flag needs it: photos, video and the camera run without PyTorch.
+        from ferlite.training import checkpoints, network
+    except ImportError as e:
+        if getattr(e, "name", None) not in ("torch", "torchvision") and "torch" not in str(e):
+            raise
+        raise UserError(f"{flag} needs PyTorch, which this install lacks: {api.PYTORCH_INSTALL}") from None
+    return checkpoints, network
 
 
-class Recognizer:
-    """The model, its int8 copy where one answers, and the face detector (loaded at first use)."""
+def has_pytorch():
+    """Whether PyTorch can be imported here (the full install), without importing it."""
+    try:
+        return importlib.util.find_spec("torch") is not None
+    except (ImportError, ValueError):  # sys.modules["torch"] = None, as the light install's test sets it
+        return False
+
+
+class Recognizer(api.Recognizer):
+    """ferlite's Recognizer with a choice of engine: the int8 ONNX copy (no PyTorch) or the `.pt` in PyTorch."""
 
     def __init__(
-        self, path, device, *, detector="retinaface", detect_size=None, engine="auto", threads=None, head=None,
+        self, path, device="cpu", *, detector="retinaface", detect_size=None, engine="auto", threads=None, head=None,
         detect_threads=None, bf16=True,
     ):  # fmt: skip
-        """`threads`: the int8 copy's, `detect_threads` RetinaFace's (defaults INT8_THREADS, DETECT_THREADS);
-        `head`: which answers (default the model's first); `bf16`: PyTorch classifies in bfloat16 autocast where
-        the CPU has it (photos, video), else float32 (--eval: the same figures on every CPU)."""
-        self.path = Path(path)
-        ckpt = load_checkpoint(self.path)
-        self.device = device
-        self.heads = head_names(ckpt)
-        self.head = head or self.heads[0]  # the int8 copy answers with the model's own (first) head
-        self.model = model_from_checkpoint(ckpt, device, self.path, head=self.head)
-        self.classes = list(ckpt["class_names"])
-        self.mean, self.std = ckpt.get("mean", NORM_MEAN), ckpt.get("std", NORM_STD)
-        self.size = ckpt.get("input_size", IMAGE_SIZE)
-        self.bf16 = bf16
-        self.int8 = self.load_engine(engine, threads)
-        self.detector_name, self.detect_size, self._detector = detector, detect_size or PHOTO_DETECT_SIZE, None
-        self.detect_threads = detect_threads
+        """`device`: PyTorch's (a name or a torch.device; the int8 copy runs on the CPU); `threads`: the int8 copy's,
+        `detect_threads` RetinaFace's (defaults INT8_THREADS, DETECT_THREADS); `head`: which answers (default the
+        model's first); `bf16`: PyTorch classifies in bfloat16 autocast where the CPU has it (photos, video), else
+        float32 (--eval: the same figures on every CPU)."""
+        self.path, self.device, self.bf16, self.model = Path(path), device, bf16, None
+        if self.path.suffix.lower() != ".onnx" and not self.path.is_file():
+            raise UserError(f"model file {self.path} not found: train one with train.py or pass --model")
+        self.int8 = self.load_engine(engine, threads, head)
+        classifier = self.int8 if self.int8 is not None else self.load_pytorch(head, engine)
+        super().__init__(
+            self.path, head=head, detector=detector, detect_size=detect_size, detect_threads=detect_threads,
+            classifier=classifier,
+        )  # fmt: skip
 
-    def load_engine(self, engine, threads=None):
+    @property
+    def on_cpu(self):
+        return str(getattr(self.device, "type", self.device)) == "cpu"
+
+    def load_engine(self, engine, threads=None, head=None):
         """The model's int8 copy (see ENGINES) on `threads` threads (default INT8_THREADS), or None where PyTorch
         classifies."""
-        if engine == "pytorch" or (engine == "auto" and self.device.type != "cpu"):
+        if self.path.suffix.lower() == ".onnx":  # an ONNX copy named directly: it is the engine
+            if engine == "pytorch":
+                raise UserError(f"--engine pytorch needs a .pt model file, not {self.path}")
+            return api.open_onnx(self.path, head, threads or min(INT8_THREADS, os.cpu_count() or 1))
+        if engine == "pytorch" or (engine == "auto" and not self.on_cpu):
             return None
-        if self.head != self.heads[0]:
-            if engine == "int8":
-                raise UserError(f"--engine int8: the int8 copy answers with the {self.heads[0]} head; drop --head")
-            return None
-        int8, why = load_int8(self.path, self.classes, threads=threads or min(INT8_THREADS, os.cpu_count() or 1))
+        int8, why = load_int8(self.path, threads=threads or min(INT8_THREADS, os.cpu_count() or 1))
+        if int8 is not None and head is not None and head not in int8.heads:
+            if int8.format >= 2:  # the copy lists every head the model has
+                raise UserError(f"--head {head}: model file {self.path} has {' and '.join(int8.heads)} only; pass one")
+            int8, why = None, f"{int8_path(self.path)} was written before the int8 copy had every head"
         if int8 is None and engine == "int8":
             raise UserError(f"--engine int8: {why}; write it with python tools/export_int8.py --model {self.path}")
         if int8 is None and int8_path(self.path).exists():  # a copy that is there but unusable: say so, once
@@ -134,50 +133,15 @@ class Recognizer:
             print(f"note: {why}, so PyTorch classifies (slower); {rewrite}", file=sys.stderr)
         return int8
 
-    @property
-    def detector(self):
-        """The face detector, loaded at first use: scoring a CSV of face crops needs none."""
-        if self._detector is None:
-            self._detector = load_detector(self.detector_name, max_side=self.detect_size, threads=self.detect_threads)
-        return self._detector
-
-    def classify(self, crops):
-        """Probabilities (N, C) for uint8 face crops (N, 48, 48)."""
-        crops = np.asarray(crops, dtype=np.uint8).reshape(-1, self.size, self.size)
-        if self.int8 is not None:
-            return self.int8.predict_proba(crops)
-        return predict_proba(self.model, crops, self.device, self.mean, self.std, bf16=self.bf16).numpy()
-
-    def boxes(self, bgr):
-        """The faces found in a BGR image, one per face: (x, y, w, h, score[, landmarks]) as the detector gives."""
-        return self.detector.detect(bgr)
-
-    def crop(self, gray, box):
-        """The face in a detector's box, framed as FER2013 frames its faces, upright by its landmarks where the
-        detector gives them (crop_face)."""
-        return crop_face(gray, box[:4], self.size, self.detector.framing, box[5] if len(box) > 5 else None)
-
-    def faces_in(self, bgr):
-        """Every face in a BGR image as a face dict {'box', 'emotion', 'confidence', 'probabilities'}, one batch."""
-        boxes = self.boxes(bgr)
-        if not boxes:
-            return []
-        gray = to_gray(bgr)
-        probs = self.classify(np.stack([self.crop(gray, b) for b in boxes]))
-        return [self.face(b, p, bgr.shape) for b, p in zip(boxes, probs)]
-
-    def face(self, box, p, shape):
-        """One face dict, from its box (in whole pixels, inside the image) and probabilities."""
-        height, width = shape[:2]
-        x0, y0 = max(0, round(box[0])), max(0, round(box[1]))
-        x1, y1 = min(width, round(box[0] + box[2])), min(height, round(box[1] + box[3]))
-        k = int(p.argmax())
-        return {
-            "box": [int(x0), int(y0), int(max(1, x1 - x0)), int(max(1, y1 - y0))],
-            "emotion": self.classes[k],
-            "confidence": float(p[k]),
-            "probabilities": {c: float(v) for c, v in zip(self.classes, p)},
-        }
+    def load_pytorch(self, head, engine):
+        """The `.pt` as a classifier in PyTorch (network.TorchClassifier)."""
+        flag = "--engine pytorch" if engine == "pytorch" else f"--model {self.path} (no usable int8 copy beside it)"
+        checkpoints, network = pytorch(flag)
+        if isinstance(self.device, str):
+            self.device = checkpoints.choose_device(self.device)
+        classifier = network.TorchClassifier(self.path, self.device, head=head, bf16=self.bf16)
+        self.model, self.mean, self.std = classifier.model, classifier.mean, classifier.std
+        return classifier
 
 
 # ---------------------------------------------------------------------------------------------
@@ -352,15 +316,19 @@ def run_stream(recognizer, capture, name, writer=None, show=None, max_frames=0, 
     a video file and a live camera go through this same loop.
     """
     fps_in = capture.get(cv2.CAP_PROP_FPS) or 30.0  # 0 for some cameras
-    tracker = FaceTracker(recognizer.classes, smooth)
-    records, n, t0, fps = [], 0, time.perf_counter(), 0.0
-    while True:
-        ok, frame = capture.read()
-        if not ok or (max_frames and n >= max_frames):
-            break
-        t = time.perf_counter()
-        faces = tracker.update(recognizer.faces_in(frame), frame)
-        fps = 0.9 * fps + 0.1 / max(time.perf_counter() - t, 1e-6) if n else 1 / max(time.perf_counter() - t, 1e-6)
+    records, n, t0, fps, read_at = [], 0, time.perf_counter(), 0.0, [0.0]
+
+    def frames():
+        while not (max_frames and n >= max_frames):
+            ok, frame = capture.read()
+            if not ok:
+                return
+            read_at[0] = time.perf_counter()  # frames per second count the recognizer's work, not the decoding
+            yield frame
+
+    for frame, faces in recognizer.track(frames(), smooth):  # the API's tracking and smoothing (ferlite.Recognizer)
+        spent = max(time.perf_counter() - read_at[0], 1e-6)
+        fps = 0.9 * fps + 0.1 / spent if n else 1 / spent
         for f in faces:
             records.append({"file": name, "frame": n, "time": round(n / fps_in, 3), **f})
         drawn = annotate(frame, faces, note=f"{fps:.0f} fps" if show else None)
@@ -447,7 +415,7 @@ def run_camera(recognizer, index, out, smooth=SMOOTH_FRAMES):
 
 
 def load_eval_data(path, recognizer, ferplus=None):
-    """The labelled faces of --eval (common.Labelled), from a FER2013 CSV or a folder of emotion folders, and for a
+    """The labelled faces of --eval (fer2013.Labelled), from a FER2013 CSV or a folder of emotion folders, and for a
     folder the counts its note gives.
 
     Folder images of 48x48 or smaller are face crops; larger ones are photos: their largest face is classified,
@@ -563,7 +531,7 @@ def parse_args(argv=None):
     fp = "with --eval of a FER2013 CSV: also score against FER+'s votes for its rows (fer2013new.csv) (default: none)"
     add("--ferplus", type=Path, metavar="FILE", help=fp)
     head = "for a model trained on FER+'s votes, which head answers: ferplus (what most of ten people see) or fer2013 "
-    head += "(as FER2013's one label a face); the int8 copy is of the first, so another classifies with PyTorch "
+    head += "(as FER2013's one label a face) "
     add("--head", help=head + "(default: the model's first, ferplus for the shipped model)")
     out = "folder for annotated images, videos, frame tables, timelines and plots (default: outputs/)"
     add("--out", type=Path, default=REPO_ROOT / "outputs", help=out)
@@ -651,7 +619,15 @@ def classifier_settings(args):
     --engine int8 is asked for, so the figures it reports are the model's own; photos, --video and --camera
     classify with the int8 copy where there is one, PyTorch on INFERENCE_THREADS (OMP_NUM_THREADS where set)."""
     scoring = args.eval is not None
-    engine = "pytorch" if scoring and args.engine == "auto" else args.engine
+    engine = args.engine
+    if scoring and engine == "auto" and args.model.suffix.lower() != ".onnx":
+        engine = "pytorch" if has_pytorch() else "int8"
+        if engine == "int8":
+            print(
+                f"note: PyTorch is not installed, so --eval scores the int8 copy of {args.model.name}, whose answers "
+                f"differ from the model's own on a face in a few hundred; for the model's own: {api.PYTORCH_INSTALL}",
+                file=sys.stderr,
+            )
     threads = args.threads or (None if scoring or "OMP_NUM_THREADS" in os.environ else INFERENCE_THREADS)
     return engine, threads
 
@@ -660,10 +636,12 @@ def main(args):
     check_writable(args.json, "--json", args.out)
     check_writable(args.csv, "--csv", args.out)
     prepare_out_dir(args.out)
-    device = choose_device(args.device)
+    device = args.device
+    if device != "cpu":  # the int8 copy runs on the CPU; another device is PyTorch's
+        device = (
+            "cpu" if device == "auto" and not has_pytorch() else pytorch(f"--device {device}")[0].choose_device(device)
+        )
     engine, threads = classifier_settings(args)
-    if threads:
-        torch.set_num_threads(threads)
     settings = {"detector": args.detector, "detect_size": args.detect_size, "engine": engine, "head": args.head}
     settings["bf16"] = args.eval is None  # a figure is scored in float32 (network.predict_both)
     photos, skipped = expand_inputs(args.inputs) if args.inputs else ([], 0)
@@ -675,6 +653,10 @@ def main(args):
     workers = max(1, min(PHOTO_WORKERS if detector_class(args.detector).shareable else 1, len(photos)))
     settings.update(threads=args.threads or (1 if workers > 1 else None), detect_threads=1 if workers > 1 else None)
     recognizer = Recognizer(args.model, device, **settings)
+    if recognizer.model is not None and threads:  # PyTorch answers: its threads (the int8 copy has its own)
+        import torch  # here: only where PyTorch answers (loaded already, by the model)
+
+        torch.set_num_threads(threads)
     if args.eval is not None:
         return run_eval(recognizer, args.eval, args.out, args.json, args.ferplus)
     if args.camera is not None:

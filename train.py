@@ -22,43 +22,33 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
-import torch.distributed as dist
-import torch.nn.functional as F
-from torch import nn
-from torch.nn.parallel import DistributedDataParallel
-from torch.optim.swa_utils import AveragedModel
-from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
-from common import (
-    CHECKPOINT_FORMAT,
-    DEVICES,
-    FERPLUS_VOTES_FILE,
-    IMAGE_SIZE,
-    REPO_ROOT,
-    VALIDATION,
-    Interrupted,
-    UserError,
-    atomic_save,
-    beside_model,
-    choose_device,
-    confusion_matrix,
-    load_checkpoint,
-    load_image_folder,
-    load_labelled,
-    metrics_from_confusion,
-    plot_confusion,
-    project_relative,
-    read_votes,
-    run_main,
-    set_seed,
-    write_json,
-)
-from network import (
+try:  # the full install's (requirements-full.txt); in the light one, without PyTorch, one line says what to install
+    import torch
+    import torch.distributed as dist
+    import torch.nn.functional as F
+    from torch import nn
+    from torch.nn.parallel import DistributedDataParallel
+    from torch.optim.swa_utils import AveragedModel
+    from torch.utils.data import DistributedSampler
+except ImportError as e:
+    if "torch" not in str(e):
+        raise
+    sys.exit("error: train.py trains with PyTorch, which this install lacks: pip install -r requirements-full.txt")
+
+from ferlite.errors import Interrupted, UserError, run_main
+from ferlite.fer2013 import FERPLUS_VOTES_FILE, VALIDATION, load_labelled, read_votes
+from ferlite.files import REPO_ROOT, beside_model, project_relative, write_json
+from ferlite.images import load_image_folder
+from ferlite.names import DEVICES, IMAGE_SIZE
+from ferlite.onnx_model import PREDICT_BATCH
+from ferlite.scoring import confusion_matrix, metrics_from_confusion, plot_confusion
+from ferlite.training.checkpoints import CHECKPOINT_FORMAT, atomic_save, choose_device, load_checkpoint, set_seed
+from ferlite.training.export import write_int8
+from ferlite.training.network import (
     NORM_MEAN,
     NORM_STD,
-    PREDICT_BATCH,
     TEST_SHIFT,
     answering_with,
     autocast_dtype,
@@ -71,7 +61,6 @@ from network import (
     predict_both,
     predict_proba,
     to_input,
-    write_int8,
 )
 
 MODEL_NAME = "Facial_Emotion_Recognizer.pt"

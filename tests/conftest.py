@@ -15,9 +15,9 @@ ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared" / "data"
 sys.path.insert(0, str(ROOT))
 
-import common  # noqa: E402
-import network  # noqa: E402
-from common import EMOTIONS  # noqa: E402
+from ferlite import fer2013  # noqa: E402
+from ferlite.names import EMOTIONS  # noqa: E402
+from ferlite.training import checkpoints, network  # noqa: E402
 
 
 def load_script(name):
@@ -71,14 +71,14 @@ def write_csv(path, faces, labels, layout="ours", usage=None, newline="\n"):
 def write_ferplus(path, labels, usage, seed=0):
     """A fer2013new.csv for a FER2013 CSV's rows: ten votes a face, most for the face's own label, some elsewhere."""
     rng = np.random.default_rng(seed)
-    own = {e: c for c, e in common.FERPLUS_EMOTION.items()}
-    rows = ["Usage,Image name," + ",".join(common.FERPLUS_COLUMNS)]
+    own = {e: c for c, e in fer2013.FERPLUS_EMOTION.items()}
+    rows = ["Usage,Image name," + ",".join(fer2013.FERPLUS_COLUMNS)]
     for i, (y, u) in enumerate(zip(labels, usage)):
-        votes = dict.fromkeys(common.FERPLUS_COLUMNS, 0)
+        votes = dict.fromkeys(fer2013.FERPLUS_COLUMNS, 0)
         votes[own[EMOTIONS[y]]] = 6
-        for c in rng.choice(common.FERPLUS_COLUMNS, size=4):
+        for c in rng.choice(fer2013.FERPLUS_COLUMNS, size=4):
             votes[c] += 1
-        rows.append(f"{u},fer{i:07d}.png," + ",".join(str(votes[c]) for c in common.FERPLUS_COLUMNS))
+        rows.append(f"{u},fer{i:07d}.png," + ",".join(str(votes[c]) for c in fer2013.FERPLUS_COLUMNS))
     Path(path).write_text("\n".join(rows) + "\n")
     return Path(path)
 
@@ -112,7 +112,7 @@ def tiny_checkpoint(**extra):
     """An untrained 8-channel model and its checkpoint dict: enough to check the plumbing, not the accuracy."""
     model = network.build_model("EmotionNet", {"widths": [8, 8, 8, 8]}, 7)
     return model, {
-        "format_version": common.CHECKPOINT_FORMAT,
+        "format_version": checkpoints.CHECKPOINT_FORMAT,
         "arch": "EmotionNet",
         "arch_args": {"widths": [8, 8, 8, 8]},
         "class_names": sorted(EMOTIONS),
@@ -131,7 +131,7 @@ def tiny_model(tmp_path_factory):
     """An untrained model file."""
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("model") / "tiny.pt"
-    common.atomic_save(tiny_checkpoint()[1], path)
+    checkpoints.atomic_save(tiny_checkpoint()[1], path)
     return path
 
 

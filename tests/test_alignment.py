@@ -5,10 +5,9 @@ import math
 import cv2
 import numpy as np
 import pytest
-
-import common
-import detection
 from conftest import ROOT
+
+from ferlite import detection, images
 
 SAMPLE = ROOT / "samples" / "grace_hopper.jpg"
 
@@ -61,7 +60,7 @@ def test_a_rolled_face_is_cut_upright():
 
 
 def test_retinaface_gives_each_face_its_eyes_mouth_and_nose():
-    bgr = common.read_image(SAMPLE)
+    bgr = images.read_image(SAMPLE)
     found = detection.load_detector("retinaface").detect(bgr)
     assert len(found) == 1
     x, y, w, h, _, points = found[0]

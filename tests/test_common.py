@@ -8,10 +8,10 @@ import torch
 from conftest import tiny_checkpoint
 from torchvision.datasets.folder import find_classes
 
-import common
-import detection
-import network
-from common import EMOTIONS, UserError
+from ferlite import detection, files, images, names, onnx_model, scoring
+from ferlite.errors import UserError
+from ferlite.names import EMOTIONS
+from ferlite.training import checkpoints, network
 
 
 def test_fer2013_ids_and_model_order_meet_in_one_mapping(tmp_path):
@@ -21,14 +21,14 @@ def test_fer2013_ids_and_model_order_meet_in_one_mapping(tmp_path):
         (tmp_path / name).mkdir()
     classes, _ = find_classes(str(tmp_path))  # the order train.py's model outputs come in
     assert classes != list(EMOTIONS)  # the two orders differ, so a reader that skips the mapping is caught
-    ids = common.fer2013_ids(classes)
+    ids = names.fer2013_ids(classes)
     assert [EMOTIONS[i] for i in ids] == classes
     shares = np.eye(7, dtype=np.float32)[[3, 0]]  # FER2013 order: a happy face, an angry one
     assert [classes[k] for k in shares[:, ids].argmax(1)] == ["happy", "anger"]
-    labels = common.model_labels([EMOTIONS[i] for i in (3, 0, 5)], classes, "x")
+    labels = names.model_labels([EMOTIONS[i] for i in (3, 0, 5)], classes, "x")
     assert [classes[k] for k in labels] == ["happy", "anger", "surprise"]
     with pytest.raises(UserError, match=r"^x\{1\}.csv has emotion 'smile' that the model lacks$"):
-        common.model_labels(["happy", "smile"], classes, "x{1}.csv has emotion {emotion} that the model lacks")
+        names.model_labels(["happy", "smile"], classes, "x{1}.csv has emotion {emotion} that the model lacks")
 
 
 @pytest.mark.parametrize("n", [1, 5])
@@ -120,9 +120,9 @@ def test_fused_model_computes_the_same_function():
 def test_checkpoint_round_trip(tmp_path):
     model, ckpt = tiny_checkpoint()
     path = tmp_path / "m.pt"
-    common.atomic_save(ckpt, path)
+    checkpoints.atomic_save(ckpt, path)
     torch.load(path, weights_only=True)  # plain types only
-    loaded = common.load_checkpoint(path)
+    loaded = checkpoints.load_checkpoint(path)
     again = network.model_from_checkpoint(loaded, torch.device("cpu"))
     x = torch.randn(2, 1, 48, 48)
     model.eval()
@@ -132,34 +132,34 @@ def test_checkpoint_round_trip(tmp_path):
 
 def test_atomic_save_keeps_backup(tmp_path):
     path = tmp_path / "m.pt"
-    common.atomic_save({"a": 1}, path)
-    common.atomic_save({"a": 2}, path, backup=tmp_path / "m.old.bak.pt")
+    checkpoints.atomic_save({"a": 1}, path)
+    checkpoints.atomic_save({"a": 2}, path, backup=tmp_path / "m.old.bak.pt")
     assert torch.load(path)["a"] == 2 and torch.load(tmp_path / "m.old.bak.pt")["a"] == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.old.bak.pt", "m.pt"]  # no temporary file left
 
 
 def test_interrupted_save_leaves_old_file(tmp_path, monkeypatch):
     path = tmp_path / "m.pt"
-    common.atomic_save({"a": 1}, path)
+    checkpoints.atomic_save({"a": 1}, path)
 
     def broken(obj, f):
         open(f, "wb").write(b"half")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(common.torch, "save", broken)
+    monkeypatch.setattr(checkpoints.torch, "save", broken)
     with pytest.raises(KeyboardInterrupt):
-        common.atomic_save({"a": 2}, path)
+        checkpoints.atomic_save({"a": 2}, path)
     assert torch.load(path)["a"] == 1 and len(list(tmp_path.iterdir())) == 1
 
 
 def test_a_failed_json_write_leaves_the_old_file_and_no_temporary_one(tmp_path, monkeypatch):
     path = tmp_path / "m.metrics.json"
-    common.write_json({"a": 1}, path)
+    files.write_json({"a": 1}, path)
     with pytest.raises(TypeError):
-        common.write_json({"a": object()}, path)  # json.dumps fails before anything is written
+        files.write_json({"a": object()}, path)  # json.dumps fails before anything is written
     monkeypatch.setattr(Path, "write_text", lambda self, text: (open(self, "w").write(text[:3]), 1 / 0))
     with pytest.raises(ZeroDivisionError):
-        common.write_json({"a": 2}, path)  # fails half-written
+        files.write_json({"a": 2}, path)  # fails half-written
     assert [p.name for p in tmp_path.iterdir()] == ["m.metrics.json"] and path.read_text() == '{\n  "a": 1\n}\n'
 
 
@@ -170,12 +170,12 @@ def test_metrics_from_confusion_match_scikit_learn():
     y, p = rng.integers(0, 7, 300), rng.integers(0, 6, 300)  # class 6 never predicted: precision 0
     y[y == 5] = 4  # class 5 never true: recall 0
     classes = list("abcdefg")
-    m = common.metrics_from_confusion(common.confusion_matrix(y, p, 7), classes)
+    m = scoring.metrics_from_confusion(scoring.confusion_matrix(y, p, 7), classes)
     pr, rc, f1, support = precision_recall_fscore_support(y, p, labels=range(7), zero_division=0)
     got = [[m["per_class"][c][k] for c in classes] for k in ("precision", "recall", "f1", "support")]
     assert np.allclose(got, [pr, rc, f1, support]) and m["accuracy"] == pytest.approx((y == p).mean())
     assert m["macro_f1"] == pytest.approx(f1_score(y, p, labels=range(7), average="macro", zero_division=0))
-    assert m["confusion"] == common.confusion_matrix(y, p, 7).tolist() and np.sum(m["confusion"]) == 300
+    assert m["confusion"] == scoring.confusion_matrix(y, p, 7).tolist() and np.sum(m["confusion"]) == 300
 
 
 @pytest.mark.parametrize(
@@ -196,11 +196,11 @@ def test_bad_model_files(tmp_path, case, message):
     elif case == "foreign":
         torch.save({"weights": torch.zeros(3)}, path)
     elif case == "newer":
-        torch.save({**ckpt, "format_version": common.CHECKPOINT_FORMAT + 1}, path)
+        torch.save({**ckpt, "format_version": checkpoints.CHECKPOINT_FORMAT + 1}, path)
     elif case == "arch":
         torch.save({**ckpt, "arch_args": {"widths": [16, 16, 16, 16]}}, path)
     with pytest.raises(UserError, match=message):
-        network.model_from_checkpoint(common.load_checkpoint(path), torch.device("cpu"), path)
+        network.model_from_checkpoint(checkpoints.load_checkpoint(path), torch.device("cpu"), path)
 
 
 @pytest.mark.parametrize("name", ["retinaface", "haar"])
@@ -264,5 +264,28 @@ def test_bf16_off_where_torch_cannot_tell(monkeypatch):
     [("runs/a/Model.pt", "runs/a/Model.last.pt"), ("Model", "Model.last.pt"), ("m.v2.pt", "m.v2.last.pt")],
 )
 def test_files_beside_a_model_share_its_stem(model, expected):
-    assert common.beside_model(Path(model), ".last.pt") == Path(expected)
-    assert network.int8_path(Path(model)) == Path(expected.replace(".last.pt", ".int8.onnx"))
+    assert files.beside_model(Path(model), ".last.pt") == Path(expected)
+    assert onnx_model.int8_path(Path(model)) == Path(expected.replace(".last.pt", ".int8.onnx"))
+
+
+def test_a_folder_is_listed_as_torchvision_s_imagefolder_lists_it(tmp_path):
+    """images.folder_samples lists a tree without torchvision (the light install): the same classes and files, in the
+    same order, as ImageFolder, which train.py's data come through in the original design."""
+    from torchvision.datasets import ImageFolder  # here: only this check needs torchvision
+
+    for rel in (
+        "sad/b.png",
+        "sad/a.JPG",
+        "sad/sub/z.jpg",
+        "sad/sub/notes.txt",
+        "happy/2.jpg",
+        "happy/10.jpg",
+        ".x/a.jpg",
+    ):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"")
+    (tmp_path / "angry").mkdir()  # an empty class folder is a class
+    ours = images.folder_samples(tmp_path)
+    theirs = ImageFolder(str(tmp_path), loader=lambda p: p, allow_empty=True, is_valid_file=images.is_image_file)
+    assert ours == (theirs.samples, theirs.classes)
+    assert [p[len(str(tmp_path)) + 1 :] for p, _ in ours[0]][-3:] == ["sad/a.JPG", "sad/b.png", "sad/sub/z.jpg"]

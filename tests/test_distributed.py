@@ -9,8 +9,10 @@ import pytest
 import torch
 from conftest import ROOT, synthetic_faces, write_csv
 
-from common import confusion_matrix, load_checkpoint, load_image_folder, metrics_from_confusion
-from network import model_from_checkpoint, predict_proba
+from ferlite.images import load_image_folder
+from ferlite.scoring import confusion_matrix, metrics_from_confusion
+from ferlite.training.checkpoints import load_checkpoint
+from ferlite.training.network import model_from_checkpoint, predict_proba
 
 pytestmark = pytest.mark.skipif(
     not torch.distributed.is_available(), reason="this PyTorch build has no torch.distributed"
@@ -108,7 +110,7 @@ INTERRUPT_AFTER_FIRST_EPOCH = """
 import sys
 sys.path.insert(0, {root!r})
 import train
-from common import run_main
+from ferlite.errors import run_main
 
 real = train.train_one_epoch
 def once(*args, **kwargs):

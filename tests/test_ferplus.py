@@ -12,8 +12,12 @@ import pytest
 import torch
 from conftest import run_in_process, synthetic_faces, write_csv
 
-import common
-from common import EMOTIONS, FERPLUS_COLUMNS, UserError
+from ferlite import fer2013, images, onnx_model
+from ferlite.errors import UserError
+from ferlite.fer2013 import FERPLUS_COLUMNS
+from ferlite.names import EMOTIONS
+from ferlite.recognizer import Recognizer
+from ferlite.training import export
 
 HEADER = "Usage,Image name,neutral,happiness,surprise,sadness,anger,disgust,fear,contempt,unknown,NF"
 COLUMN_OF = {"anger": "anger", "disgust": "disgust", "fear": "fear", "happy": "happiness", "sad": "sadness",
@@ -102,7 +106,7 @@ def prepared(kaggle, preparation):
 
 
 def test_columns_are_fer_plus_header():
-    assert ",".join(FERPLUS_COLUMNS) == HEADER.split(",", 2)[2] and common.FERPLUS_VOTES_FILE == "ferplus_votes.csv"
+    assert ",".join(FERPLUS_COLUMNS) == HEADER.split(",", 2)[2] and fer2013.FERPLUS_VOTES_FILE == "ferplus_votes.csv"
 
 
 def test_majority_needs_more_than_half_of_all_votes():
@@ -112,29 +116,29 @@ def test_majority_needs_more_than_half_of_all_votes():
     votes[2, [col(3), FERPLUS_COLUMNS.index("NF")]] = [5, 5]
     votes[3, [FERPLUS_COLUMNS.index("NF"), col(0)]] = [7, 3]  # a majority for not-a-face is none of ours
     votes[4, [col(6), col(0), col(1)]] = [4, 3, 3]  # the most votes, but not more than half
-    assert common.ferplus_majority(votes).tolist() == [3, -1, -1, -1, -1]
+    assert fer2013.ferplus_majority(votes).tolist() == [3, -1, -1, -1, -1]
     labels = np.arange(91) % 7
     kinds = kinds_for(91)
     expected = [expected_majority(y, k) for y, k in zip(labels, kinds)]
-    assert common.ferplus_majority(votes_for(labels, kinds)).tolist() == expected
+    assert fer2013.ferplus_majority(votes_for(labels, kinds)).tolist() == expected
 
 
 def test_plurality_breaks_ties_with_fer2013_and_drops_non_emotions():
     labels = np.arange(91) % 7
     kinds = kinds_for(91)
-    got = common.ferplus_plurality(votes_for(labels, kinds), labels)
+    got = fer2013.ferplus_plurality(votes_for(labels, kinds), labels)
     assert got.tolist() == [expected_plurality(y, k) for y, k in zip(labels, kinds)]
     assert (got[[k in LEFT_OUT for k in kinds]] == -1).all()
     # disgust tied with happy: FER2013's disgust wins though happiness comes first in FER+'s columns
     tie = np.zeros((1, 10), dtype=np.int64)
     tie[0, [col(1), col(3)]] = 5
     assert col(3) < col(1)
-    assert common.ferplus_plurality(tie, [1]).tolist() == [1]
-    assert common.ferplus_plurality(tie, [3]).tolist() == [3]
-    assert common.ferplus_plurality(tie, [0]).tolist() == [3]  # label not among the tied: FER+'s column order
+    assert fer2013.ferplus_plurality(tie, [1]).tolist() == [1]
+    assert fer2013.ferplus_plurality(tie, [3]).tolist() == [3]
+    assert fer2013.ferplus_plurality(tie, [0]).tolist() == [3]  # label not among the tied: FER+'s column order
     even = np.zeros((1, 10), dtype=np.int64)
     even[0, [col(4), FERPLUS_COLUMNS.index("NF")]] = 5  # an emotion as many votes as not-a-face: kept
-    assert common.ferplus_plurality(even, [0]).tolist() == [4]
+    assert fer2013.ferplus_plurality(even, [0]).tolist() == [4]
 
 
 def test_shares_sum_to_one_over_our_seven():
@@ -143,7 +147,7 @@ def test_shares_sum_to_one_over_our_seven():
     votes[0, FERPLUS_COLUMNS.index("NF")] = 2
     votes[1, FERPLUS_COLUMNS.index("contempt")] = 10
     votes[2, :7] = 1
-    shares = common.ferplus_shares(votes)
+    shares = fer2013.ferplus_shares(votes)
     assert shares.shape == (3, 7) and shares.dtype == np.float32
     assert shares[0, EMOTIONS.index("happy")] == pytest.approx(0.75)
     assert shares[0, EMOTIONS.index("sad")] == pytest.approx(0.25)
@@ -152,7 +156,7 @@ def test_shares_sum_to_one_over_our_seven():
 
 
 def test_read_ferplus(kaggle):
-    votes, usage = common.read_ferplus(kaggle["ferplus"])
+    votes, usage = fer2013.read_ferplus(kaggle["ferplus"])
     assert (votes == kaggle["votes"]).all() and usage == kaggle["usage"]
 
 
@@ -183,7 +187,7 @@ def test_read_ferplus_errors(tmp_path, case, message):
     if case != "missing":
         path.write_text("\n".join(lines) + "\n")
     with pytest.raises(UserError, match=message):
-        common.read_ferplus(path)
+        fer2013.read_ferplus(path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -278,22 +282,22 @@ def test_skip_bad_drops_the_same_rows_of_the_votes(kaggle, preparation, tmp_path
 
 def test_read_votes(train, prepared, kaggle, tmp_path):
     out, _, _ = prepared
-    faces, labels, classes, _, paths = common.load_image_folder(out / "Train data", progress=False)
-    shares, fer2013 = common.read_votes(out / "Train data", paths, classes)
+    faces, labels, classes, _, paths = images.load_image_folder(out / "Train data", progress=False)
+    shares, labels2013 = fer2013.read_votes(out / "Train data", paths, classes)
     assert [Path(p).parent.name for p in paths] == [classes[t] for t in labels]
     rows = [int(Path(p).stem) for p in paths]
-    assert [classes[t] for t in fer2013] == [EMOTIONS[kaggle["labels"][i]] for i in rows]
-    assert (fer2013 != labels).any()  # the disagreeing faces' folders are FER+'s
-    want = common.ferplus_shares(kaggle["votes"][rows])[:, [EMOTIONS.index(c) for c in classes]]
+    assert [classes[t] for t in labels2013] == [EMOTIONS[kaggle["labels"][i]] for i in rows]
+    assert (labels2013 != labels).any()  # the disagreeing faces' folders are FER+'s
+    want = fer2013.ferplus_shares(kaggle["votes"][rows])[:, [EMOTIONS.index(c) for c in classes]]
     assert np.allclose(shares, want) and np.allclose(shares.sum(1), 1)
-    assert common.read_votes(tmp_path, paths, classes) is None  # no votes file beside tmp_path
+    assert fer2013.read_votes(tmp_path, paths, classes) is None  # no votes file beside tmp_path
     copy = tmp_path / "ds"
     shutil.copytree(out, copy)
     lines = (copy / "ferplus_votes.csv").read_text().splitlines()
     (copy / "ferplus_votes.csv").write_text("\n".join(lines[:-1]) + "\n")
     copied = [copy / Path(p).relative_to(out) for p in paths]
     with pytest.raises(UserError, match="has no votes for .*run preparation.py --ferplus again"):
-        common.read_votes(copy / "Train data", copied, classes)
+        fer2013.read_votes(copy / "Train data", copied, classes)
 
 
 def test_two_head_run(train, testpy, prepared, tmp_path, monkeypatch, capsys):
@@ -311,9 +315,9 @@ def test_two_head_run(train, testpy, prepared, tmp_path, monkeypatch, capsys):
     train.main(train.parse_args([*args, "--batch-size", "16", "--no-progress", "--device", "cpu"]))
     assert "FER+'s votes" in capsys.readouterr().out
     # each batch: the answering head against vote shares, the other against the same faces' FER2013 labels
-    _, _, classes, _, paths = common.load_image_folder(out / "Train data", progress=False)
-    shares, fer2013 = common.read_votes(out / "Train data", paths, classes)
-    faces_known = {(tuple(np.round(s, 4)), int(y)) for s, y in zip(shares, fer2013)}
+    _, _, classes, _, paths = images.load_image_folder(out / "Train data", progress=False)
+    shares, labels2013 = fer2013.read_votes(out / "Train data", paths, classes)
+    faces_known = {(tuple(np.round(s, 4)), int(y)) for s, y in zip(shares, labels2013)}
     assert len(targets) == 4 and all(t.dtype == np.float32 and t.shape == (16, 7) for t in targets[::2])
     for soft, hard in zip(targets[::2], targets[1::2]):
         assert hard.dtype == np.int64 and {(tuple(np.round(s, 4)), int(y)) for s, y in zip(soft, hard)} <= faces_known
@@ -328,16 +332,28 @@ def test_two_head_run(train, testpy, prepared, tmp_path, monkeypatch, capsys):
     cpu = torch.device("cpu")
     faces = synthetic_faces(14, seed=1)[0]
     default = testpy.Recognizer(model, cpu, engine="pytorch")
-    fer2013 = testpy.Recognizer(model, cpu, engine="pytorch", head="fer2013")
-    assert default.head == "ferplus" and fer2013.head == "fer2013"
-    a, b = default.classify(faces), fer2013.classify(faces)
+    other = testpy.Recognizer(model, cpu, engine="pytorch", head="fer2013")
+    assert default.head == "ferplus" and other.head == "fer2013"
+    a, b = default.classify(faces), other.classify(faces)
     assert np.allclose(a.sum(1), 1) and np.allclose(b.sum(1), 1) and not np.allclose(a, b, atol=1e-4)
     same = testpy.Recognizer(model, cpu, engine="pytorch", head="ferplus").classify(faces)
     assert np.allclose(same, a, atol=1e-6)
     with pytest.raises(UserError, match="--head smile: .*ferplus and fer2013 only"):
         testpy.Recognizer(model, cpu, head="smile")
-    with pytest.raises(UserError, match="--engine int8: .*drop --head"):
+    with pytest.raises(UserError, match="--engine int8: .*m.int8.onnx not found"):
         testpy.Recognizer(model, cpu, engine="int8", head="fer2013")
+    # The int8 copy has both heads: each answers there as PyTorch's does, to int8's precision, with no PyTorch.
+    export.write_int8(model, synthetic_faces(40, seed=2)[0])
+    meta = onnx_model.Int8Model(onnx_model.int8_path(model)).meta
+    assert json.loads(meta["heads"]) == ["ferplus", "fer2013"] and meta["format"] == str(onnx_model.FORMAT)
+    for head, want in (("ferplus", a), ("fer2013", b)):
+        quick = testpy.Recognizer(model, cpu, engine="int8", head=head)
+        assert quick.int8 is not None and quick.model is None and quick.head == head
+        assert np.abs(quick.classify(faces) - want).max() < 0.05
+        api = Recognizer(model, head=head)  # the API alone: the same ONNX answers, to the last bit
+        assert np.array_equal(api.classify(faces), quick.classify(faces))
+    with pytest.raises(UserError, match="--head smile: .*ferplus and fer2013 only"):
+        testpy.Recognizer(model, cpu, engine="int8", head="smile")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -373,14 +389,14 @@ def test_a_student_learns_the_blend_of_the_labels_and_the_teachers(train, prepar
     args = ["--data", str(out / "Train data"), "--out", str(model), "--epochs", "1", "--max-batches", "2"]
     args += ["--batch-size", "16", "--no-progress", "--device", "cpu", "--teacher", str(teacher), str(teacher)]
     train.main(train.parse_args(args))
-    faces, _, classes, _, paths = common.load_image_folder(out / "Train data", progress=False)
-    shares, fer2013 = common.read_votes(out / "Train data", paths, classes)
+    faces, _, classes, _, paths = images.load_image_folder(out / "Train data", progress=False)
+    shares, labels2013 = fer2013.read_votes(out / "Train data", paths, classes)
     # as the run computes them: in its precision (bfloat16 where the CPU has it), averaged over the two teachers
     taught = train.teacher_probabilities([teacher], faces, classes, ["ferplus", "fer2013"], torch.device("cpu"), True,
                                          lambda *a: None)  # fmt: skip
     w = train.TEACHER_WEIGHT
     votes = w * taught["ferplus"].numpy() + (1 - w) * shares
-    labels = w * taught["fer2013"].numpy() + (1 - w) * np.eye(7, dtype=np.float32)[fer2013]
+    labels = w * taught["fer2013"].numpy() + (1 - w) * np.eye(7, dtype=np.float32)[labels2013]
     assert 0 < w < 1 and len(targets) == 4
     for want, got in ((votes, targets[0::2]), (labels, targets[1::2])):  # each batch: the vote head, then FER2013's
         for t in np.concatenate(got):
@@ -413,7 +429,7 @@ def test_bad_teachers_are_named(train, prepared, teacher, tiny_model, tmp_path, 
         train.parse_args([*args, "--teacher", str(tmp_path / "nope.pt")])
     err = capsys.readouterr().err
     assert "--teacher" in err and "nope.pt not found" in err
-    faces, _, classes, _, _ = common.load_image_folder(out / "Train data", progress=False)
+    faces, _, classes, _, _ = images.load_image_folder(out / "Train data", progress=False)
     cpu, quiet = torch.device("cpu"), lambda *a: None
     with pytest.raises(UserError, match=r"--teacher .*tiny.pt has no ferplus head"):  # a one-head model
         train.teacher_probabilities([tiny_model], faces, classes, ["ferplus", "fer2013"], cpu, False, quiet)
@@ -433,14 +449,14 @@ def recognizer(testpy, tiny_model):
 def scored_shares(kaggle, classes):
     """The vote shares of the rows test.py scores (not Training), in the model's class order."""
     scored = [i for i, u in enumerate(kaggle["usage"]) if u != "Training"]
-    return common.ferplus_shares(kaggle["votes"][scored])[:, [EMOTIONS.index(c) for c in classes]], scored
+    return fer2013.ferplus_shares(kaggle["votes"][scored])[:, [EMOTIONS.index(c) for c in classes]], scored
 
 
 def test_eval_with_ferplus(testpy, recognizer, kaggle, tmp_path):
     res = testpy.run_eval(recognizer, kaggle["csv"], tmp_path, tmp_path / "s.json", ferplus=kaggle["ferplus"])
     saved = json.loads((tmp_path / "s.json").read_text())
     _, scored = scored_shares(kaggle, recognizer.classes)
-    majority = common.ferplus_majority(kaggle["votes"][scored])
+    majority = fer2013.ferplus_majority(kaggle["votes"][scored])
     fp = saved["ferplus"]
     assert res["n"] == 28 and fp["faces"] == int((majority >= 0).sum()) == 14 and fp["vote_faces"] == 21
     assert 0 <= fp["accuracy"] <= 1 and 0 <= fp["macro_f1"] <= 1 and fp["kl_divergence"] >= 0

@@ -11,8 +11,9 @@ import torch
 from conftest import ROOT, load_script, run_cli, run_in_process, synthetic_faces, write_csv
 from test_testpy_inputs import SAMPLE, make_video
 
-import common
-from common import EMOTIONS, UserError
+from ferlite import errors
+from ferlite.errors import UserError
+from ferlite.names import EMOTIONS
 
 
 @pytest.mark.parametrize("script", ["preparation.py", "train.py", "test.py", "benchmark.py"])
@@ -55,11 +56,11 @@ def test_opencv_without_haar_files(testpy, tiny_model, tmp_path, monkeypatch):
 def interrupt_on(rec, call):
     real, seen = rec.faces_in, []
 
-    def faces_in(bgr):
+    def faces_in(bgr, **kwargs):
         seen.append(1)
         if len(seen) == call:
             raise KeyboardInterrupt
-        return real(bgr)
+        return real(bgr, **kwargs)
 
     rec.faces_in = faces_in
 
@@ -72,7 +73,7 @@ def test_interrupted_video_leaves_the_earlier_one_whole(testpy, tiny_model, tmp_
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     interrupt_on(rec, 5)
     with pytest.raises(SystemExit) as e:
-        common.run_main(lambda a: testpy.run_video(rec, video, out), None)
+        errors.run_main(lambda a: testpy.run_video(rec, video, out), None)
     assert (
         e.value.code == 130
         and "clip_emotions.mp4 and its frame table were left as they were" in capsys.readouterr().err
@@ -85,7 +86,7 @@ def test_interrupted_photos_say_how_many_were_annotated(testpy, tiny_model, tmp_
     rec = testpy.Recognizer(tiny_model, torch.device("cpu"))
     interrupt_on(rec, 2)
     with pytest.raises(SystemExit):
-        common.run_main(lambda a: testpy.run_photos(rec, photos, tmp_path), None)
+        errors.run_main(lambda a: testpy.run_photos(rec, photos, tmp_path), None)
     assert f"1 of 3 photos were annotated into {tmp_path}, each file whole" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["grace_hopper_emotions.jpg", testpy.PROGRESS_FILE]
 

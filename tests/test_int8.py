@@ -8,9 +8,12 @@ import pytest
 import torch
 from conftest import ROOT, SHARED, run_cli, synthetic_faces, tiny_checkpoint, write_csv
 
-import common
-import network
-from common import EMOTIONS, UserError, held_out_rows, load_checkpoint, read_csv
+from ferlite import images, onnx_model
+from ferlite.errors import UserError
+from ferlite.fer2013 import held_out_rows, read_csv
+from ferlite.names import EMOTIONS
+from ferlite.training import checkpoints, export, network
+from ferlite.training.checkpoints import load_checkpoint
 
 SHIPPED = ROOT / "models" / "Facial_Emotion_Recognizer.pt"
 FER2013 = SHARED / "fer2013" / "fer2013.csv.gz"  # Kaggle's file; its PublicTest rows are scored
@@ -25,16 +28,16 @@ def model_with_copy(tmp_path):
     """A tiny model file with an int8 copy beside it, calibrated on synthetic faces."""
     torch.manual_seed(0)
     path = tmp_path / "m.pt"
-    common.atomic_save(tiny_checkpoint()[1], path)
-    network.write_int8(path, synthetic_faces(70)[0])
+    checkpoints.atomic_save(tiny_checkpoint()[1], path)
+    export.write_int8(path, synthetic_faces(70)[0])
     return path
 
 
 def test_the_copy_is_written_beside_the_model_and_names_it(model_with_copy):
-    copy = network.int8_path(model_with_copy)
+    copy = onnx_model.int8_path(model_with_copy)
     assert copy == model_with_copy.with_name("m.int8.onnx") and copy.is_file()
-    meta = network.Int8Model(copy).meta
-    assert meta["source_sha256"] == network.file_sha256(model_with_copy)
+    meta = onnx_model.Int8Model(copy).meta
+    assert meta["source_sha256"] == onnx_model.file_sha256(model_with_copy)
     assert json.loads(meta["class_names"]) == sorted(EMOTIONS) and meta["source"] == "m.pt"
     assert not list(model_with_copy.parent.glob(".int8-*"))  # no scratch left behind
 
@@ -52,7 +55,9 @@ def test_photos_use_the_copy_and_eval_uses_pytorch(model_with_copy, testpy):
     csv = write_csv(model_with_copy.parent / "f.csv", *synthetic_faces(14))
     seen = []
     real = testpy.Recognizer.load_engine
-    testpy.Recognizer.load_engine = lambda self, engine, threads: seen.append(engine) or real(self, engine, threads)
+    testpy.Recognizer.load_engine = lambda self, engine, threads=None, head=None: (
+        seen.append(engine) or real(self, engine, threads, head)
+    )
     try:
         for extra in ([], ["--engine", "int8"]):
             out = model_with_copy.parent / f"out{len(seen)}"
@@ -65,7 +70,7 @@ def test_photos_use_the_copy_and_eval_uses_pytorch(model_with_copy, testpy):
 
 def test_a_stale_copy_is_never_used(model_with_copy, testpy, capsys):
     torch.manual_seed(1)
-    common.atomic_save(tiny_checkpoint()[1], model_with_copy)  # the model retrained; its copy not rewritten
+    checkpoints.atomic_save(tiny_checkpoint()[1], model_with_copy)  # the model retrained; its copy not rewritten
     rec = testpy.Recognizer(model_with_copy, CPU)
     assert rec.int8 is None
     err = capsys.readouterr().err
@@ -80,13 +85,13 @@ def test_a_stale_copy_is_never_used(model_with_copy, testpy, capsys):
 def test_a_copy_for_other_classes_or_damaged_is_not_used(model_with_copy, testpy, capsys):
     ckpt = load_checkpoint(model_with_copy)
     ckpt["class_names"] = ["a", "b", "c", "d", "e", "f", "g"]
-    common.atomic_save(ckpt, model_with_copy)
-    network.write_int8(model_with_copy, synthetic_faces(14)[0])
+    checkpoints.atomic_save(ckpt, model_with_copy)
+    export.write_int8(model_with_copy, synthetic_faces(14)[0])
     ckpt["class_names"] = sorted(EMOTIONS)
-    common.atomic_save(ckpt, model_with_copy)
-    assert network.load_int8(model_with_copy, sorted(EMOTIONS))[0] is None  # the hash differs anyway
-    network.int8_path(model_with_copy).write_bytes(b"not onnx")
-    int8, why = network.load_int8(model_with_copy, sorted(EMOTIONS))
+    checkpoints.atomic_save(ckpt, model_with_copy)
+    assert onnx_model.load_int8(model_with_copy, sorted(EMOTIONS))[0] is None  # the hash differs anyway
+    onnx_model.int8_path(model_with_copy).write_bytes(b"not onnx")
+    int8, why = onnx_model.load_int8(model_with_copy, sorted(EMOTIONS))
     assert int8 is None and "could not be read" in why
     assert testpy.Recognizer(model_with_copy, CPU).int8 is None
     assert "could not be read" in capsys.readouterr().err
@@ -105,22 +110,22 @@ def test_the_export_tool_writes_a_fresh_copy(model_with_copy, tmp_path, preparat
     csv = write_csv(tmp_path / "f.csv", faces, labels)
     preparation.main(preparation.parse_args(["--csv", str(csv), "--out", str(tmp_path / "fd"), "--no-progress"]))
     torch.manual_seed(2)
-    common.atomic_save(tiny_checkpoint()[1], model_with_copy)  # now stale
+    checkpoints.atomic_save(tiny_checkpoint()[1], model_with_copy)  # now stale
     spec = importlib.util.spec_from_file_location("export_int8", ROOT / "tools" / "export_int8.py")
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
     tool.main(tool.parse_args(["--model", str(model_with_copy), "--data", str(tmp_path / "fd" / "Train data")]))
-    assert network.load_int8(model_with_copy, sorted(EMOTIONS))[0] is not None
+    assert onnx_model.load_int8(model_with_copy, sorted(EMOTIONS))[0] is not None
 
 
 def test_the_shipped_copy_was_made_from_the_shipped_model():
     ckpt = load_checkpoint(SHIPPED)
-    int8, why = network.load_int8(SHIPPED, ckpt["class_names"])
+    int8, why = onnx_model.load_int8(SHIPPED, ckpt["class_names"])
     assert int8 is not None, f"{why}: run python tools/export_int8.py"
 
 
 def test_the_shipped_copy_answers_as_pytorch_on_the_sample_photo(testpy):
-    photo = common.read_image(ROOT / "samples" / "grace_hopper.jpg")
+    photo = images.read_image(ROOT / "samples" / "grace_hopper.jpg")
     fast, slow = testpy.Recognizer(SHIPPED, CPU), testpy.Recognizer(SHIPPED, CPU, engine="pytorch")
     a, b = fast.faces_in(photo), slow.faces_in(photo)
     assert fast.int8 is not None and len(a) == len(b) == 1
@@ -138,7 +143,7 @@ def test_the_shipped_copy_answers_as_pytorch_on_publictest():
     faces, ids = faces[rows], ids[rows]
     labels = np.array([ckpt["class_names"].index(EMOTIONS[i]) for i in ids])
     ref = network.predict_proba(network.model_from_checkpoint(ckpt, CPU), faces, CPU, mean, std).numpy()
-    int8 = network.load_int8(SHIPPED, ckpt["class_names"], threads=torch.get_num_threads())[0]
+    int8 = onnx_model.load_int8(SHIPPED, ckpt["class_names"], threads=torch.get_num_threads())[0]
     p = int8.predict_proba(faces)
     assert (p.argmax(1) == ref.argmax(1)).mean() >= SAME_ANSWER
     assert np.abs(p - ref).max() <= MAX_PROB_DIFF

@@ -8,8 +8,8 @@ import sys
 import pytest
 from conftest import ROOT, SHARED, synthetic_faces, write_csv
 
-from common import load_checkpoint
-from network import head_names
+from ferlite.training.checkpoints import load_checkpoint
+from ferlite.training.network import head_names
 
 MODEL = ROOT / "models" / "Facial_Emotion_Recognizer.pt"
 

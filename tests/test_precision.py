@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import synthetic_faces, write_csv
 
-import network
+from ferlite.training import network
 
 CPU = torch.device("cpu")
 

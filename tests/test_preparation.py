@@ -17,13 +17,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-import common
-from common import EMOTIONS, UserError
+from ferlite import errors, fer2013
+from ferlite.errors import UserError
+from ferlite.names import EMOTIONS
 
 
 def test_parse_pixels_round_trip(preparation):
     face = np.arange(2304, dtype=np.int64).reshape(48, 48) % 256
-    out = common.parse_pixels(" ".join(map(str, face.ravel())))
+    out = fer2013.parse_pixels(" ".join(map(str, face.ravel())))
     assert out.dtype == np.uint8 and out.shape == (48, 48)
     assert (out == face).all()
 
@@ -40,8 +41,8 @@ def test_parse_pixels_round_trip(preparation):
     ],
 )
 def test_parse_pixels_rejects(preparation, text, message):
-    with pytest.raises(common.RowError, match=message):
-        common.parse_pixels(text)
+    with pytest.raises(fer2013.RowError, match=message):
+        fer2013.parse_pixels(text)
 
 
 @pytest.mark.parametrize(
@@ -49,16 +50,16 @@ def test_parse_pixels_rejects(preparation, text, message):
 )
 def test_parse_label(preparation, text, ok):
     if ok is None:
-        with pytest.raises(common.RowError):
-            common.parse_label(text)
+        with pytest.raises(fer2013.RowError):
+            fer2013.parse_label(text)
     else:
-        assert common.parse_label(text) == ok
+        assert fer2013.parse_label(text) == ok
 
 
 @settings(max_examples=50, deadline=None)
 @given(arrays(np.uint8, (48, 48)), st.sampled_from([" ", "  ", "\t"]))
 def test_accepted_rows_round_trip(preparation, face, sep):
-    assert (common.parse_pixels(sep.join(map(str, face.ravel()))) == face).all()
+    assert (fer2013.parse_pixels(sep.join(map(str, face.ravel()))) == face).all()
 
 
 mutations = st.one_of(
@@ -86,12 +87,12 @@ def test_rows_accepted_round_trip_and_rejected_name_the_line(preparation, tmp_pa
     lines[row + 1] = f"{text},3"
     path.write_text("\n".join(lines) + "\n")
     try:
-        expect = common.parse_pixels(text)
-    except common.RowError:
+        expect = fer2013.parse_pixels(text)
+    except fer2013.RowError:
         with pytest.raises(UserError, match=f"line {row + 2}: row "):
-            common.read_csv(path, progress=False)
+            fer2013.read_csv(path, progress=False)
     else:
-        got, _, _, _ = common.read_csv(path, progress=False)
+        got, _, _, _ = fer2013.read_csv(path, progress=False)
         assert (got[row] == expect).all()
         assert [float(v) for v in values] == expect.ravel().tolist()
 
@@ -103,9 +104,9 @@ def test_read_both_layouts_gz_and_crlf(preparation, tmp_path):
     gz = tmp_path / "c.csv.gz"
     gz.write_bytes(gzip.compress(ours.read_bytes()))
     for path in (ours, orig, gz):
-        f, y, usage, bad = common.read_csv(path, progress=False)
+        f, y, usage, bad = fer2013.read_csv(path, progress=False)
         assert (f == faces).all() and (y == labels).all() and not bad
-    assert common.read_csv(orig, progress=False)[2][-1] == "PublicTest"
+    assert fer2013.read_csv(orig, progress=False)[2][-1] == "PublicTest"
 
 
 def test_quoted_fields_and_spaces(preparation, tmp_path):
@@ -115,7 +116,7 @@ def test_quoted_fields_and_spaces(preparation, tmp_path):
     path.write_text("\n".join(rows) + "\n")
     # csv's default dialect keeps the space after a comma, so quote without it as spreadsheets do
     path.write_text(path.read_text().replace('", "', '","'))
-    f, y, _, _ = common.read_csv(path, progress=False)
+    f, y, _, _ = fer2013.read_csv(path, progress=False)
     assert (f == faces).all() and (y == labels).all()
 
 
@@ -132,17 +133,17 @@ def test_bad_files(preparation, tmp_path, content, message):
     path = tmp_path / "bad.csv"
     path.write_bytes(content)
     with pytest.raises(UserError, match=message):
-        common.read_csv(path, progress=False)
+        fer2013.read_csv(path, progress=False)
 
 
 def test_missing_and_truncated_gz(preparation, tmp_path, small_csv):
     with pytest.raises(UserError, match="not found"):
-        common.read_csv(tmp_path / "nope.csv")
+        fer2013.read_csv(tmp_path / "nope.csv")
     data = gzip.compress(small_csv[0].read_bytes())
     gz = tmp_path / "t.csv.gz"
     gz.write_bytes(data[: len(data) // 2])
     with pytest.raises(UserError, match="truncated or damaged"):
-        common.read_csv(gz, progress=False)
+        fer2013.read_csv(gz, progress=False)
 
 
 def test_bad_row_stops_or_is_skipped(preparation, tmp_path, small_csv):
@@ -152,8 +153,8 @@ def test_bad_row_stops_or_is_skipped(preparation, tmp_path, small_csv):
     lines[9] = "1 2 3,4"  # too few values, line 10
     path.write_text("\n".join(lines) + "\n")
     with pytest.raises(UserError, match=r"line 6: row has label 9, .* \(2 bad rows, at lines 6, 10\)"):
-        common.read_csv(path, progress=False)
-    f, y, _, bad = common.read_csv(path, skip_bad=True, progress=False)
+        fer2013.read_csv(path, progress=False)
+    f, y, _, bad = fer2013.read_csv(path, skip_bad=True, progress=False)
     assert [n for n, _ in bad] == [6, 10] and len(f) == len(faces) - 2
 
 
@@ -208,7 +209,7 @@ def test_reads_the_csv_inside_an_archive(tmp_path, kind):
     else:
         with tarfile.open(archive, "w:gz" if kind == "tar.gz" else "w") as t:
             t.add(csv_path, "fer2013/fer2013.csv")
-    f, y, u, bad = common.read_csv(archive, progress=False)
+    f, y, u, bad = fer2013.read_csv(archive, progress=False)
     assert (f == faces).all() and (y == labels).all() and u == usage and not bad
 
 
@@ -218,16 +219,16 @@ def test_archive_without_one_clear_csv(tmp_path):
         z.writestr("a.csv", "input,target\n")
         z.writestr("b.csv", "input,target\n")
     with pytest.raises(UserError, match=r"several CSVs \(a.csv, b.csv\): extract FER2013's CSV"):
-        common.read_csv(several, progress=False)
+        fer2013.read_csv(several, progress=False)
     none = tmp_path / "none.zip"
     with zipfile.ZipFile(none, "w") as z:
         z.writestr("readme.txt", "x")
     with pytest.raises(UserError, match=r"no CSV \(readme.txt\)"):
-        common.read_csv(none, progress=False)
+        fer2013.read_csv(none, progress=False)
     cut = tmp_path / "cut.zip"
     cut.write_bytes(several.read_bytes()[:30])
     with pytest.raises(UserError, match="truncated or damaged"):
-        common.read_csv(cut, progress=False)
+        fer2013.read_csv(cut, progress=False)
 
 
 def test_interrupt_while_removing_the_old_folder(preparation, tmp_path, small_csv, monkeypatch, capsys):
@@ -244,7 +245,7 @@ def test_interrupt_while_removing_the_old_folder(preparation, tmp_path, small_cs
 
     monkeypatch.setattr(preparation, "remove_tree", interrupted)
     with pytest.raises(SystemExit) as e:
-        common.run_main(
+        errors.run_main(
             preparation.main, preparation.parse_args(["--csv", str(path), "--out", str(out), "--no-progress"])
         )
     assert e.value.code == 130

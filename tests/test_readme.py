@@ -17,9 +17,9 @@ from test_testpy_inputs import SAMPLE, make_video
 
 README = ROOT / "README.md"
 ELSEWHERE = {
-    "python3 -m venv": ".ci/run makes the environment and installs requirements.txt (test_ci_runs_the_readme_command)",
-    "pip install": ".ci/run installs requirements.txt; the CPU-only index is not reachable from the build machines",
-    "python -m pytest": "this suite itself, run by .ci/run (test_ci_runs_the_readme_command)",
+    "python3 -m venv": ".ci/run runs both set-up commands, each in its own env (test_ci_runs_the_readme_commands)",
+    "pip install": ".ci/run installs both requirements files; the CPU-only index is out of reach here",
+    "python -m pytest": "this suite itself, run by .ci/run (test_ci_runs_the_readme_commands)",
     "torchrun": "tests/test_distributed.py runs train.py under torchrun with two CPU processes",
     "python SCRIPT.py --help": "tests/test_first_hour.py runs --help of every script",
 }
@@ -112,9 +112,28 @@ def test_every_readme_command_runs(tmp_path):
     assert list((root / "models").glob("Facial_Emotion_Recognizer.*.bak.pt")), "--replace keeps the old model"
 
 
-def test_ci_runs_the_readme_command():
-    """.ci/run makes its own environment from requirements.txt and runs the README's test command."""
+def test_ci_runs_the_readme_commands():
+    """.ci/run runs the README's two set-up commands, each in an environment of its own: the light install (no
+    PyTorch) annotating the sample photo, then the full install running the tests."""
     ci = (ROOT / ".ci" / "run").read_text()
-    assert "python3 -m venv" in ci and "pip install -q -r requirements.txt" in ci
-    test_cmd = next(c for c in readme_commands() if c.startswith("python -m pytest"))
-    assert test_cmd in ci, test_cmd
+    text = README.read_text().split("## On a fresh machine")[1].split("\n## ")[0]
+    light, full = re.findall(r"```bash\n(python3 -m venv [^\n]*)\n```", text)[:2]
+    assert "pip install -r requirements.txt && python test.py samples/grace_hopper.jpg" in light
+    assert "pip install -r requirements-full.txt && python -m pytest -q -rs tests" in full
+    light_part, full_part = ci.split("pip install -q -r requirements.txt\n")[1], ci.split("requirements-full.txt\n")[-1]
+    assert "python test.py samples/grace_hopper.jpg" in light_part.split("python3 -m venv")[0]
+    assert "python -m pytest -q -rs tests" in full_part
+    assert ci.count("python3 -m venv") == 2 and "import torch" in light_part  # the light one is checked to lack it
+    assert "torch" not in (ROOT / "requirements.txt").read_text().replace("PyTorch", "")
+
+
+def test_the_readme_python_example_runs(tmp_path):
+    """The README's Python lines, as written, in a fresh copy of the project where PyTorch cannot be imported (the
+    light install), with a short clip.mp4 in the project folder."""
+    (code,) = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+    root = fresh_copy(tmp_path)
+    make_video(root / "clip.mp4", frames=3)
+    no_torch = "import sys; sys.modules['torch'] = sys.modules['torchvision'] = None\n"
+    r = subprocess.run([sys.executable, "-c", no_torch + code], cwd=root, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.count("[(1, ") == 3, r.stdout  # one face, followed as id 1 through the three frames

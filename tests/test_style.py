@@ -10,7 +10,7 @@ import pytest
 from conftest import ROOT
 
 SCRIPTS = ("preparation.py", "train.py", "test.py")
-SHARED = ("common.py", "network.py", "detection.py", "drawing.py")
+SHARED = tuple(sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "ferlite").rglob("*.py")))
 
 
 @pytest.mark.parametrize("name", SCRIPTS + SHARED)
@@ -55,7 +55,7 @@ def test_imports_inside_functions_say_why(name):
 
 def test_readme_states_the_import_rule():
     layout = (ROOT / "README.md").read_text().split("## Layout")[1]
-    assert "imports only `common.py`, `network.py`, `detection.py`, `drawing.py` and libraries" in layout
+    assert "imports only the `ferlite` package and libraries" in layout
 
 
 @pytest.mark.parametrize("command", [["check", "--no-cache"], ["format", "--check", "--no-cache"]])

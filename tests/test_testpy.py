@@ -10,9 +10,8 @@ import torch
 from conftest import ROOT, run_cli, run_in_process, synthetic_faces, write_csv
 from PIL import Image
 
-import common
-import drawing
-from common import EMOTIONS
+from ferlite import drawing, images
+from ferlite.names import EMOTIONS
 
 SAMPLE = ROOT / "samples" / "grace_hopper.jpg"
 
@@ -31,11 +30,11 @@ def test_read_image_modes(testpy, tmp_path):
         "tiny.png": Image.new("RGB", (1, 1), (10, 20, 30)),
     }
     for name, img in cases.items():
-        out = common.read_image(save(img, tmp_path / name))
+        out = images.read_image(save(img, tmp_path / name))
         assert out.dtype == np.uint8 and out.ndim == 3 and out.shape[2] == 3, name
     deep = np.arange(48 * 64, dtype=np.uint16).reshape(48, 64) * 20
     cv2.imwrite(str(tmp_path / "deep.png"), deep)
-    out = common.read_image(tmp_path / "deep.png")
+    out = images.read_image(tmp_path / "deep.png")
     assert out.shape == (48, 64, 3) and out.max() > 200 and out[..., 0].min() == 0  # scaled, not clipped
 
 
@@ -44,10 +43,10 @@ def test_read_image_gives_blue_green_red_in_every_mode(testpy, tmp_path):
     red = Image.new("RGB", (8, 6), (250, 20, 5))
     modes = {"red.png": red, "red.jpg": red, "red_rgba.png": red.convert("RGBA"), "red_p.png": red.quantize()}
     for name, img in modes.items():
-        out = common.read_image(save(img, tmp_path / name, **({"quality": 100} if name.endswith("jpg") else {})))
+        out = images.read_image(save(img, tmp_path / name, **({"quality": 100} if name.endswith("jpg") else {})))
         assert out.flags["C_CONTIGUOUS"] and out.shape == (6, 8, 3), name
         assert np.abs(out[3, 4].astype(int) - (5, 20, 250)).max() <= 6, (name, out[3, 4])
-    assert np.array_equal(common.read_image(SAMPLE), cv2.imread(str(SAMPLE)))
+    assert np.array_equal(images.read_image(SAMPLE), cv2.imread(str(SAMPLE)))
 
 
 def test_read_image_applies_exif_rotation(testpy, tmp_path):
@@ -55,7 +54,7 @@ def test_read_image_applies_exif_rotation(testpy, tmp_path):
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90 degrees clockwise when shown
     path = save(img, tmp_path / "phone.jpg", exif=exif.tobytes())
-    assert common.read_image(path).shape == (60, 40, 3)
+    assert images.read_image(path).shape == (60, 40, 3)
 
 
 @pytest.mark.parametrize(
@@ -72,7 +71,7 @@ def test_read_image_errors(testpy, tmp_path, case, message):
         data = SAMPLE.read_bytes()
         path.write_bytes(data[: len(data) // 2])
     with pytest.raises(testpy.ImageReadError, match=message):
-        common.read_image(path)
+        images.read_image(path)
 
 
 def test_photos_annotated_and_errors_reported(tiny_model, tmp_path):

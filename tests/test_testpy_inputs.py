@@ -9,9 +9,8 @@ import pytest
 import torch
 from conftest import ROOT, SHARED, run_cli, run_in_process
 
-import common
-import detection
-from common import EMOTIONS
+from ferlite import detection, images
+from ferlite.names import EMOTIONS
 
 SAMPLE = ROOT / "samples" / "grace_hopper.jpg"
 FACES_DEV = SHARED / "faces_dev"
@@ -169,7 +168,7 @@ def test_huge_photo_is_searched_downscaled(testpy, tiny_model, tmp_path):
     path = tmp_path / "big.jpg"
     cv2.imwrite(str(path), big)
     rec = testpy.Recognizer(tiny_model, torch.device("cpu"))
-    faces = rec.faces_in(common.read_image(path))
+    faces = rec.faces_in(images.read_image(path))
     assert len(faces) == 1 and faces[0]["box"][0] > 3000 and faces[0]["box"][2] > 500
 
 
@@ -188,7 +187,7 @@ def detection_scores(testpy, name, **settings):
     found = false = duplicate = 0
     for image, truth in boxes.items():
         matched = set()
-        for d in detector.detect(common.read_image(FACES_DEV / image)):
+        for d in detector.detect(images.read_image(FACES_DEV / image)):
             j = max(range(len(truth)), key=lambda k: iou(d, truth[k]))
             if iou(d, truth[j]) < 0.3:
                 false += 1
@@ -215,7 +214,7 @@ def test_detection_quality_holds(testpy):
 )
 def test_collage_has_one_box_per_face(testpy):
     """bald_guys.jpg: 24 faces by a person's count; before merging, Haar drew two boxes on some of them."""
-    boxes = detection.load_detector("retinaface").detect(common.read_image(FACES_DEV / "bald_guys.jpg"))
+    boxes = detection.load_detector("retinaface").detect(images.read_image(FACES_DEV / "bald_guys.jpg"))
     assert len(boxes) == 24
     assert all(iou(a, b) < 0.3 for i, a in enumerate(boxes) for b in boxes[i + 1 :])
 

@@ -11,10 +11,12 @@ import pytest
 import torch
 from conftest import ROOT, run_in_process, synthetic_faces, tiny_checkpoint, write_csv
 
-import common
-import network
-from common import EMOTIONS, UserError, load_checkpoint
-from network import TEST_SHIFT
+from ferlite import errors, fer2013, images, onnx_model
+from ferlite.errors import UserError
+from ferlite.names import EMOTIONS
+from ferlite.training import checkpoints
+from ferlite.training.checkpoints import load_checkpoint
+from ferlite.training.network import TEST_SHIFT
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +52,7 @@ def copy_data(dataset, tmp_path):
 
 
 def test_load_image_folder(train, dataset):
-    faces, labels, classes, skipped, paths = common.load_image_folder(dataset / "Train data", progress=False)
+    faces, labels, classes, skipped, paths = images.load_image_folder(dataset / "Train data", progress=False)
     assert classes == sorted(EMOTIONS) and faces.shape == (84, 48, 48) and faces.dtype == np.uint8
     assert not skipped and np.bincount(labels).tolist() == [12] * 7
     assert [Path(p).parent.name for p in paths] == [classes[t] for t in labels]
@@ -62,7 +64,7 @@ def test_bad_files_are_skipped(train, dataset, tmp_path):
     (data / "happy" / "notes.jpg").write_text("not an image")
     good = next((data / "sad").glob("*.jpg")).read_bytes()
     (data / "sad" / "cut.jpg").write_bytes(good[: len(good) // 2])
-    faces, labels, classes, skipped, _ = common.load_image_folder(data, progress=False)
+    faces, labels, classes, skipped, _ = images.load_image_folder(data, progress=False)
     assert len(faces) == 84 and sorted(p.split("/")[-1] for p, _ in skipped) == ["cut.jpg", "empty.jpg", "notes.jpg"]
 
 
@@ -87,7 +89,7 @@ def test_bad_data_folders(train, dataset, tmp_path, case, message):
         for f in (data / "fear").iterdir():
             f.unlink()
     with pytest.raises(UserError, match=message):
-        common.load_image_folder(data, progress=False)
+        images.load_image_folder(data, progress=False)
 
 
 def test_stratified_split(train):
@@ -121,7 +123,7 @@ def test_tiny_run_writes_everything(train, dataset, tmp_path):
     assert metrics["train_wall_seconds"] >= sum(metrics["epoch_seconds"])
     for key in ("cm_counts", "cm_rates", "curves", "last"):
         assert res["paths"][key].stat().st_size > 0
-    assert network.load_int8(out, ckpt["class_names"])[0] is not None  # test.py's int8 copy, made from this file
+    assert onnx_model.load_int8(out, ckpt["class_names"])[0] is not None  # test.py's int8 copy, made from this file
 
 
 @pytest.mark.int8
@@ -132,7 +134,7 @@ def test_a_run_whose_int8_copy_fails_still_succeeds(train, dataset, tmp_path, mo
     monkeypatch.setattr(train, "write_int8", no_onnx)
     out = tmp_path / "m.pt"
     res = train.main(tiny_args(train, dataset / "Train data", out))
-    assert res["best"] is not None and out.exists() and not network.int8_path(out).exists()
+    assert res["best"] is not None and out.exists() and not onnx_model.int8_path(out).exists()
     err = capsys.readouterr().err
     assert "the int8 copy of" in err and "test.py will classify with PyTorch" in err and "export_int8.py" in err
 
@@ -272,12 +274,12 @@ def test_resume_of_a_missing_checkpoint_says_what_to_pass(train, tmp_path):
 def test_a_run_of_a_dropped_experiment_is_not_resumed(train, tmp_path, flag, recorded):
     """Mixup and --photo-aug left train.py (RESULTS.md names the commit that has them): their runs cannot go on."""
     path = tmp_path / "old.last.pt"
-    common.atomic_save(tiny_checkpoint(optimizer={}, train_args={"epochs": 2, flag: recorded})[1], path)
+    checkpoints.atomic_save(tiny_checkpoint(optimizer={}, train_args={"epochs": 2, flag: recorded})[1], path)
     dashed = flag.replace("_", "-")
     with pytest.raises(UserError, match=rf"that run used --{dashed}, which train.py no longer has .*start a new run"):
         train.resume_schedule(train.parse_args(["--resume", str(path)]))
     off = tmp_path / "off.last.pt"  # the shipped model's runs recorded them off: those resume
-    common.atomic_save(
+    checkpoints.atomic_save(
         tiny_checkpoint(optimizer={}, train_args={"epochs": 2, "mixup": 0.0, "photo_aug": False})[1], off
     )
     args = train.parse_args(["--resume", str(off)])
@@ -293,7 +295,7 @@ def test_interrupt_before_the_first_epoch_writes_nothing(train, dataset, tmp_pat
 
     monkeypatch.setattr(train, "train_one_epoch", stop)
     with pytest.raises(SystemExit) as e:
-        common.run_main(train.main, tiny_args(train, dataset / "Train data", tmp_path / "new" / "m.pt"))
+        errors.run_main(train.main, tiny_args(train, dataset / "Train data", tmp_path / "new" / "m.pt"))
     assert e.value.code == 130 and "interrupted: no epoch finished, so nothing was written" in capsys.readouterr().err
     assert not (tmp_path / "new").exists()
 
@@ -343,10 +345,10 @@ def test_bad_val_sources(train, dataset, tmp_path):
     notes.write_text("not a csv")
     with pytest.raises(SystemExit):
         train.parse_args(["--val", str(notes)])
-    val = common.load_labelled(dataset / "Test data", sorted(EMOTIONS), flag="--val", lacks="x", progress=False)
+    val = fer2013.load_labelled(dataset / "Test data", sorted(EMOTIONS), flag="--val", lacks="x", progress=False)
     assert val.faces.shape == (28, 48, 48) and np.bincount(val.labels).tolist() == [4] * 7 and len(val.paths) == 28
     with pytest.raises(UserError, match=r"^--val .*Test data has emotion 'disgust' that the training data lacks$"):
-        common.load_labelled(dataset / "Test data", ["anger", "happy"], flag="--val", lacks="the training data lacks")
+        fer2013.load_labelled(dataset / "Test data", ["anger", "happy"], flag="--val", lacks="the training data lacks")
 
 
 def test_val_csv_with_usage_validates_on_publictest_only(train, tmp_path):
@@ -355,7 +357,7 @@ def test_val_csv_with_usage_validates_on_publictest_only(train, tmp_path):
     usage = ["Training"] * 7 + ["PublicTest"] * 7 + ["PrivateTest"] * 7
     faces[7:14] = 200  # the PublicTest faces, recognisable
     path = write_csv(tmp_path / "fer2013.csv", faces, labels, layout="orig", usage=usage)
-    load = lambda p: common.load_labelled(p, list(EMOTIONS), flag="--val", lacks="x", only=common.VALIDATION)  # noqa: E731
+    load = lambda p: fer2013.load_labelled(p, list(EMOTIONS), flag="--val", lacks="x", only=fer2013.VALIDATION)  # noqa: E731
     val = load(path)
     assert len(val.faces) == 7 and (val.faces == 200).all() and val.labels.tolist() == labels[7:14].tolist()
     assert val.note == "rows by Usage: PublicTest 7; 14 other rows left out" and val.paths is None

@@ -12,9 +12,9 @@ import torch
 from conftest import ROOT, SHARED, run_cli
 from test_testpy_inputs import SAMPLE, make_video
 
-import drawing
-from common import EMOTIONS
-from detection import SMOOTH_FRAMES, FaceTracker, clock, track_summaries
+from ferlite import drawing
+from ferlite.names import EMOTIONS
+from ferlite.tracking import SMOOTH_FRAMES, FaceTracker, clock, track_summaries
 
 STILL = SHARED / "faces_dev" / "2008_002079.jpg"  # six small faces whose answers are close calls
 

@@ -7,7 +7,7 @@
 train.py writes the copy itself at the end of a run; this is for a model that has none, or whose copy
 is stale (test.py says so). Calibrates on the training faces preparation.py wrote, as train.py does.
 With --check, scores the held-out faces of a CSV (its rows not marked Training) with PyTorch and with
-the int8 copy, as test.py scores them.
+the int8 copy, as test.py scores them, for each of the model's heads (the copy has them all).
 """
 
 import argparse
@@ -20,8 +20,13 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from common import load_checkpoint, load_image_folder, load_labelled, run_main  # noqa: E402
-from network import NORM_MEAN, NORM_STD, load_int8, model_from_checkpoint, predict_proba, write_int8  # noqa: E402
+from ferlite.errors import run_main  # noqa: E402
+from ferlite.fer2013 import load_labelled  # noqa: E402
+from ferlite.images import load_image_folder  # noqa: E402
+from ferlite.onnx_model import load_int8  # noqa: E402
+from ferlite.training.checkpoints import load_checkpoint  # noqa: E402
+from ferlite.training.export import write_int8  # noqa: E402
+from ferlite.training.network import NORM_MEAN, NORM_STD, head_names, model_from_checkpoint, predict_proba  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -58,14 +63,15 @@ def main(args):
     mean, std = ckpt.get("mean", NORM_MEAN), ckpt.get("std", NORM_STD)
     check = load_labelled(args.check, ckpt["class_names"], flag="--check", lacks="the model lacks", progress=False)
     faces, labels = check.faces, check.labels
-    ref = predict_proba(model_from_checkpoint(ckpt, torch.device("cpu")), faces, torch.device("cpu"), mean, std)
-    ref = ref.numpy()
-    p = int8.predict_proba(faces)
-    print(
-        f"{args.check.name}, {len(labels)} faces: PyTorch {(ref.argmax(1) == labels).mean():.2%}, "
-        f"int8 {(p.argmax(1) == labels).mean():.2%}; same answer {(p.argmax(1) == ref.argmax(1)).mean():.2%}, "
-        f"largest probability difference {np.abs(p - ref).max():.3f}"
-    )
+    for head in head_names(ckpt):  # every head the copy answers with
+        model = model_from_checkpoint(ckpt, torch.device("cpu"), args.model, head=head)
+        ref = predict_proba(model, faces, torch.device("cpu"), mean, std).numpy()
+        p = int8.predict_proba(faces, head=head)
+        print(
+            f"{args.check.name}, {len(labels)} faces, {head} head: PyTorch {(ref.argmax(1) == labels).mean():.2%}, "
+            f"int8 {(p.argmax(1) == labels).mean():.2%}; same answer {(p.argmax(1) == ref.argmax(1)).mean():.2%}, "
+            f"largest probability difference {np.abs(p - ref).max():.3f}"
+        )
     return out
 
 

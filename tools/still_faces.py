@@ -19,7 +19,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from detection import SMOOTH_FRAMES, VIDEO_DETECT_SIZE, letterbox  # noqa: E402
+from ferlite.detection import VIDEO_DETECT_SIZE, letterbox  # noqa: E402
+from ferlite.tracking import SMOOTH_FRAMES  # noqa: E402
 
 spec = importlib.util.spec_from_file_location("fer_test", ROOT / "test.py")  # `import test` is Python's own package
 testpy = importlib.util.module_from_spec(spec)

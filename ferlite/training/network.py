@@ -1,14 +1,9 @@
 """The network, what it is fed, and how it answers: the model file of this project in code.
 
-Shared by train.py (training and validation), test.py (classification) and benchmark.py; split from
-common.py so that each of the two reads in one sitting.
+Used by train.py (training and validation), test.py (--engine pytorch, --eval of a `.pt`), the ONNX export and
+benchmark.py. PyTorch's side of the package: the runtime (ferlite's top level) answers from the ONNX copy instead.
 """
 
-import hashlib
-import json
-import logging
-import tempfile
-import warnings
 from contextlib import nullcontext
 from copy import deepcopy
 from pathlib import Path
@@ -19,7 +14,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.fx.experimental.optimization import fuse
 
-from common import UserError, atomic_write, beside_model, load_checkpoint
+from ferlite.errors import UserError
+from ferlite.names import IMAGE_SIZE
+from ferlite.onnx_model import PREDICT_BATCH
+from ferlite.training.checkpoints import load_checkpoint
 
 # Gray values are scaled to [0, 1], then standardised with these (FER2013's own statistics,
 # rounded); the checkpoint carries them so a model always gets the input it was trained on.
@@ -31,10 +29,6 @@ NORM_STD = 0.255
 # this fixed offset (pixels, right and down): a kernel (0.75, 0.25) on each axis, whose spread
 # (a(1-a) = 3/16) is near a random warp's average (1/6). What it gained: RESULTS.md.
 TEST_SHIFT = 0.25
-
-
-# ---------------------------------------------------------------------------------------------
-# Model
 
 
 class ResidualBlock(nn.Module):
@@ -117,10 +111,6 @@ def build_model(arch, arch_args, num_classes):
     return ARCHITECTURES[arch](num_classes=num_classes, **arch_args)
 
 
-# ---------------------------------------------------------------------------------------------
-# Precision
-
-
 def cpu_has_bf16():
     """True where the CPU runs bfloat16 natively (AVX-512 BF16 or AMX), so autocast pays off.
 
@@ -153,10 +143,6 @@ def autocast_for(device, enabled=True):
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
 
 
-# ---------------------------------------------------------------------------------------------
-# Input and answers
-
-
 def to_input(faces, mean=NORM_MEAN, std=NORM_STD):
     """uint8 faces (N, 48, 48) as a NumPy array or tensor -> normalised float tensor (N, 1, 48, 48)."""
     x = torch.as_tensor(np.asarray(faces) if not torch.is_tensor(faces) else faces)
@@ -175,11 +161,6 @@ def subpixel_shift(x, shift=TEST_SHIFT):
     p = F.pad(x, (0, 1, 0, 1), mode="replicate")
     rows = p[:, :, :-1] * (1 - a) + p[:, :, 1:] * a
     return (rows[..., :-1] * (1 - a) + rows[..., 1:] * a).contiguous(memory_format=torch.channels_last)
-
-
-# Images a forward call: a face and its mirror image go through in the same call, and calls this small keep
-# the activations in a CPU's cache (RESULTS.md, "Speed").
-PREDICT_BATCH = 64
 
 
 @torch.no_grad()
@@ -234,17 +215,14 @@ def predict_proba(
     return averaged if tta else plain
 
 
-# ---------------------------------------------------------------------------------------------
-# From a checkpoint
-
-
 def head_names(ckpt):
     """The names of a checkpoint's heads, the answering one first (a model saved before heads had names: fer2013)."""
     return list(ckpt.get("heads", ["fer2013"]))
 
 
-def model_from_checkpoint(ckpt, device, path="model", head=None):
-    """Rebuild the model a checkpoint describes and load its weights, fused for inference (fuse_for_inference).
+def model_from_checkpoint(ckpt, device, path="model", head=None, fused=True):
+    """Rebuild the model a checkpoint describes and load its weights, fused for inference (fuse_for_inference)
+    unless not `fused` (then in eval mode, with all its heads).
 
     `head` names the head that answers (head_names); None: the checkpoint's own answering head.
     """
@@ -261,179 +239,30 @@ def model_from_checkpoint(ckpt, device, path="model", head=None):
         ) from None
     if head is not None and head != names[0]:
         model = answering_with(model, head)
-    return fuse_for_inference(model.to(device))
-
-
-# ---------------------------------------------------------------------------------------------
-# The int8 copy: one face at a time ~6x faster on a CPU (RESULTS.md, "Speed")
-
-# Beside a model file `X.pt`, `X.int8.onnx` is the same model quantised to int8 for ONNX Runtime. The
-# `.pt` stays the one source of truth: the copy records the sha256 of the file it was made from and is
-# used only while that is the file loaded (load_int8). train.py writes it at the end of a run;
-# tools/export_int8.py writes it for an existing model.
-INT8_SUFFIX = ".int8.onnx"
-CALIBRATION_FACES = 512  # spread over the training faces; each with its mirror image sets the int8 ranges
-
-
-def int8_path(model_path):
-    """Where the int8 copy of model file `model_path` lives: `X.pt` -> `X.int8.onnx` beside it."""
-    return beside_model(model_path, INT8_SUFFIX)
-
-
-def file_sha256(path):
-    """Hex sha256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-class MirrorAveraged(nn.Module):
-    """What predict_proba computes, as one graph: uint8 faces (N, 48, 48) -> probabilities (N, C).
-
-    Each face normalised with the checkpoint's mean and std, resampled TEST_SHIFT pixels off, classified
-    with its mirror image in the same call, the two answers averaged. Exported whole, so that one call into
-    ONNX Runtime does all of it: NumPy or PyTorch steps between calls cost as much as a third of the
-    network's own time (RESULTS.md, "Speed").
-    """
-
-    def __init__(self, model, mean, std, shift=TEST_SHIFT):
-        super().__init__()
-        self.model, self.mean, self.std, self.shift = model, float(mean), float(std), shift
-
-    def forward(self, faces):
-        # to_input's arithmetic, written out: its torch.as_tensor would be traced as a constant (a TracerWarning).
-        x = subpixel_shift(((faces.float() / 255.0 - self.mean) / self.std).unsqueeze(1), self.shift)
-        p = self.model(torch.cat([x, torch.flip(x, dims=[3])])).softmax(1)
-        return p.reshape(2, -1, p.shape[1]).mean(0)
-
-
-def write_int8(model_path, faces, out=None, n_calibration=CALIBRATION_FACES):
-    """Write the int8 ONNX copy of model file `model_path` (default: int8_path) and return its path.
-
-    The network is quantised statically (QDQ: int8 weights per output channel, uint8 activations) with
-    activation ranges calibrated on `n_calibration` of `faces` (uint8, N x 48 x 48: the training faces),
-    evenly spread, each with its mirror image; the steps before and after it (MirrorAveraged) stay float.
-    Needs the `onnx` package. The file is written whole or not at all.
-    """
-    # Here, not at the top: only writing a copy needs onnx and the quantiser; test.py never does.
-    import onnx
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-
-    model_path = Path(model_path)
-    out = Path(out) if out is not None else int8_path(model_path)
-    source_sha = file_sha256(model_path)
-    ckpt = load_checkpoint(model_path)
-    mean, std = ckpt.get("mean", NORM_MEAN), ckpt.get("std", NORM_STD)
-    graph = MirrorAveraged(model_from_checkpoint(ckpt, torch.device("cpu"), model_path).float(), mean, std).eval()
-    faces = np.ascontiguousarray(faces, dtype=np.uint8)
-    pick = np.unique(np.linspace(0, len(faces) - 1, min(n_calibration, len(faces))).round().astype(int))
-    step = PREDICT_BATCH // 2
-
-    class Calibration(CalibrationDataReader):
-        def __init__(self):
-            self.batches = iter([{"faces": faces[pick[i : i + step]]} for i in range(0, len(pick), step)])
-
-        def get_next(self):
-            return next(self.batches, None)
-
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".int8-") as tmp:
-        fp32, int8 = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
-        with warnings.catch_warnings():
-            # The TorchScript exporter is deprecated (the new one needs onnxscript), and the mirror image's Slice
-            # cannot be constant-folded: neither is the user's concern.
-            warnings.simplefilter("ignore", DeprecationWarning)
-            warnings.simplefilter("ignore", UserWarning)
-            torch.onnx.export(
-                graph,
-                torch.from_numpy(faces[pick[:2]]),
-                fp32,
-                input_names=["faces"],
-                output_names=["probabilities"],
-                dynamic_axes={"faces": {0: "n"}, "probabilities": {0: "n"}},
-                dynamo=False,
-            )
-        # Only the network is quantised: the nodes before its first convolution and after its last layer stay float.
-        nodes = [n.name for n in onnx.load(fp32).graph.node]
-        first = next(i for i, n in enumerate(nodes) if n.endswith("/Conv"))
-        last = max(i for i, n in enumerate(nodes) if n.endswith("/Gemm"))
-        logging.disable(logging.WARNING)  # onnxruntime advises a pre-processing step on the root logger, twice
-        try:
-            quantize_static(
-                fp32,
-                int8,
-                Calibration(),
-                quant_format=QuantFormat.QDQ,
-                per_channel=True,
-                activation_type=QuantType.QUInt8,
-                weight_type=QuantType.QInt8,
-                nodes_to_exclude=nodes[:first] + nodes[last + 1 :],
-            )
-        finally:
-            logging.disable(logging.NOTSET)
-        onnx_model = onnx.load(int8)
-        onnx.helper.set_model_props(
-            onnx_model,
-            {
-                "source": model_path.name,
-                "source_sha256": source_sha,
-                "class_names": json.dumps(list(ckpt["class_names"])),
-                "mean": repr(float(mean)),
-                "std": repr(float(std)),
-                "test_shift": repr(TEST_SHIFT),
-                "calibration_faces": str(len(pick)),
-            },
-        )
-        with atomic_write(out) as tmp_out:
-            onnx.save(onnx_model, tmp_out)
-    return out
-
-
-class Int8Model:
-    """The int8 copy in an ONNX Runtime session: predict_proba's answers for uint8 faces, on a CPU."""
-
-    def __init__(self, path, threads=1):
-        import onnxruntime as ort  # here: training and --eval never load it
-
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads, opts.inter_op_num_threads = max(1, int(threads)), 1
-        # Threads that sleep instead of spinning when idle: with another program on one of two cores, one face
-        # took 1.5x as long with spinning threads and 1.3x without (RESULTS.md, "Speed").
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.path, self.threads = Path(path), opts.intra_op_num_threads
-        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        self.meta = self.session.get_modelmeta().custom_metadata_map
-        self.n_classes = len(json.loads(self.meta.get("class_names", "[]")))
-
-    def predict_proba(self, faces, batch_size=PREDICT_BATCH):
-        """Class probabilities (N, C) for uint8 faces (N, 48, 48), each face's averaged with its mirror image's.
-
-        The same answers as predict_proba's with the checkpoint's mean and std, to int8's precision; `batch_size`
-        counts the images of one call, mirror images included.
-        """
-        faces = np.ascontiguousarray(faces, dtype=np.uint8)
-        step = max(1, batch_size // 2)
-        out = [self.session.run(None, {"faces": faces[i : i + step]})[0] for i in range(0, len(faces), step)]
-        return np.concatenate(out) if out else np.zeros((0, self.n_classes), np.float32)
-
-
-def load_int8(model_path, class_names, threads=1):
-    """(Int8Model, None) when the int8 copy beside `model_path` was made from this very file, else (None, why not)."""
-    path = int8_path(model_path)
-    if not path.is_file():
-        return None, f"{path} not found"
-    try:
-        int8 = Int8Model(path, threads)
-    except Exception as e:  # onnxruntime raises its own types for a damaged file
-        return None, f"{path} could not be read ({type(e).__name__})"
-    if int8.meta.get("source_sha256") != file_sha256(model_path):
-        return None, f"{path} was made from another version of {Path(model_path).name}"
-    if int8.meta.get("class_names") != json.dumps(list(class_names)):
-        return None, f"{path} names other classes than {Path(model_path).name}"
-    return int8, None
+    return fuse_for_inference(model.to(device)) if fused else model.to(device).eval()
 
 
 def count_parameters(model):
     """Number of trainable parameters."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+class TorchClassifier:
+    """A model file's network as a Recognizer's classifier (ferlite.recognizer): PyTorch answers, with the head
+    chosen here, in bfloat16 autocast where `bf16` and the device runs it natively (photos, video), else float32."""
+
+    def __init__(self, path, device, head=None, bf16=True):
+        ckpt = load_checkpoint(path)
+        self.path, self.device, self.bf16 = Path(path), device, bf16
+        self.heads = head_names(ckpt)
+        self.head = head or self.heads[0]
+        self.model = model_from_checkpoint(ckpt, device, path, head=self.head)
+        self.classes = list(ckpt["class_names"])
+        self.mean, self.std = ckpt.get("mean", NORM_MEAN), ckpt.get("std", NORM_STD)
+        self.size = ckpt.get("input_size", IMAGE_SIZE)
+
+    def predict_proba(self, faces, head=None):
+        """Probabilities (N, C) for uint8 faces (N, 48, 48), as a NumPy array; `head` must be the one chosen."""
+        if head not in (None, self.head):
+            raise ValueError(f"this classifier answers with the {self.head} head, not {head}")
+        return predict_proba(self.model, faces, self.device, self.mean, self.std, bf16=self.bf16).numpy()

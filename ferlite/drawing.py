@@ -5,7 +5,7 @@ covers another face or label (test.py and benchmark.py); and --eval's sheet of t
 import cv2
 import numpy as np
 
-from common import atomic_write
+from ferlite.files import atomic_write
 
 # One saturated BGR colour per emotion, so the same emotion always has the same box colour; each box is
 # drawn over a dark outline, so it shows on light and dark backgrounds alike.
@@ -114,9 +114,6 @@ def annotate(bgr, faces, note=None):
     return img
 
 
-# ---------------------------------------------------------------------------------------------
-# test.py --eval's sheet of mistakes
-
 SHEET_CELL = 96  # px a face crop is drawn at (nearest-neighbour from 48: the pixels the model saw)
 SHEET_PER_CLASS = 8  # the most confident mistakes shown for each true emotion
 SHEET_LABEL_WIDTH = 190  # px of the left column naming the row's true emotion
@@ -163,9 +160,6 @@ def mistakes_sheet(crops, labels, probs, classes, title, per_class=SHEET_PER_CLA
             _text(img, f"{answer} {probs[i].max():.0%}", (x + 4, y + cell + 18), 0.5, (0, 0, 0), width=cell - 8)
     return img, rows
 
-
-# ---------------------------------------------------------------------------------------------
-# --video's and --camera's timeline
 
 TIMELINE_FACES = 4  # the faces seen longest get a panel each; the rest are in the summary only
 
