@@ -34,9 +34,15 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import torch
-import torch.nn.functional as F
-from torch.utils.flop_counter import FlopCounterMode
+
+try:  # the full install's (requirements-full.txt): the benchmark times training and PyTorch beside the ONNX copy
+    import torch
+    import torch.nn.functional as F
+    from torch.utils.flop_counter import FlopCounterMode
+except ImportError as e:
+    if "torch" not in str(e):
+        raise
+    sys.exit("error: benchmark.py needs PyTorch, which this install lacks: pip install -r requirements-full.txt")
 
 from ferlite.detection import VIDEO_DETECT_SIZE, letterbox
 from ferlite.drawing import annotate

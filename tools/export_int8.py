@@ -16,7 +16,13 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
+
+try:  # the full install's (requirements-full.txt): the copy is written from the .pt by PyTorch
+    import torch
+except ImportError:
+    sys.exit(
+        "error: tools/export_int8.py needs PyTorch, which this install lacks: pip install -r requirements-full.txt"
+    )
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))

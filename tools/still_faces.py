@@ -15,7 +15,6 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -68,7 +67,7 @@ def main():
     p.add_argument("photos", nargs="+", type=Path, help="photos to turn into still clips")
     p.add_argument("--model", type=Path, default=testpy.DEFAULT_MODEL, help="model file (default: the shipped one)")
     args = p.parse_args()
-    rec = testpy.Recognizer(args.model, torch.device("cpu"), detect_size=VIDEO_DETECT_SIZE)
+    rec = testpy.Recognizer(args.model, "cpu", detect_size=VIDEO_DETECT_SIZE)
     for photo in args.photos:
         for smooth, (changes, n, faces) in measure(rec, photo).items():
             print(
