@@ -17,7 +17,7 @@ import cv2
 import numpy as np
 
 from ferlite.detection import PHOTO_DETECT_SIZE, crop_face, load_detector
-from ferlite.errors import UserError
+from ferlite.errors import ImageReadError, UserError
 from ferlite.files import REPO_ROOT
 from ferlite.images import read_image, to_gray
 from ferlite.onnx_model import Int8Model, int8_path, load_int8
@@ -45,24 +45,37 @@ def open_onnx(model, head=None, threads=INT8_THREADS):
             onnx = Int8Model(path, threads)
         except Exception as e:  # onnxruntime raises its own types for a damaged file
             raise UserError(f"model file {path} could not be read ({type(e).__name__}): pass another --model") from None
-        if head is not None and head != onnx.heads[0] and head not in onnx.heads:
-            raise UserError(f"--head {head}: model file {path} has {' and '.join(map(str, onnx.heads))} only")
-        return onnx
+        return with_head(onnx, head, path)
     if not path.is_file():
         raise UserError(f"model file {path} not found: train one with train.py or pass --model")
-    onnx, why = load_int8(path, threads=threads, head=head)
-    if onnx is None:
+    onnx, why = load_int8(path, threads=threads)
+    if onnx is not None:
+        return with_head(onnx, head, path)
+    raise UserError(
+        f"{why}: without PyTorch only an int8 copy made from {path.name} can answer; "
+        f"write one with python tools/export_int8.py --model {path} (needs PyTorch: {PYTORCH_INSTALL})"
+    )
+
+
+def with_head(onnx, head, path):
+    """`onnx` where it answers with `head` (None: its first), else a UserError naming the heads it has."""
+    if head is None or head in onnx.heads:
+        return onnx
+    if onnx.format < 2:  # a copy written before copies had every head: only its own
         raise UserError(
-            f"{why}: without PyTorch only an int8 copy made from {path.name} can answer; "
-            f"write one with python tools/export_int8.py --model {path} (needs PyTorch: {PYTORCH_INSTALL})"
+            f"head {head!r}: {onnx.path} was written before the int8 copy had every head; rewrite it with "
+            f"python tools/export_int8.py --model {path} (needs PyTorch: {PYTORCH_INSTALL})"
         )
-    return onnx
+    raise UserError(f"head {head!r}: model file {path} has {' and '.join(onnx.heads)} only; pass one of those")
 
 
 def as_bgr(image):
     """A path, a BGR or gray array (as cv2.imread gives), a BGRA array, or a PIL image -> 8-bit BGR array."""
     if isinstance(image, (str, Path)):
-        return read_image(image)
+        try:
+            return read_image(image)
+        except ImageReadError as e:  # its message says why, after the file's name
+            raise ImageReadError(f"{image}: {e}") from None
     if hasattr(image, "convert") and hasattr(image, "size"):  # a PIL image: RGB order
         return cv2.cvtColor(np.asarray(image.convert("RGB")), cv2.COLOR_RGB2BGR)
     a = np.asarray(image)

@@ -153,3 +153,18 @@ def test_preparation_runs_and_train_py_says_what_to_install_without_torch(tmp_pa
     assert r.returncode == 1 and r.stderr.strip().splitlines() == [
         "error: train.py trains with PyTorch, which this install lacks: pip install -r requirements-full.txt"
     ]
+
+
+def test_the_api_names_what_is_wrong(tmp_path):
+    from ferlite.errors import ImageReadError, UserError
+
+    with pytest.raises(UserError, match="head 'smile': model file .* has ferplus and fer2013 only"):
+        Recognizer(head="smile")
+    with pytest.raises(UserError, match="model file nope.pt not found"):
+        Recognizer("nope.pt")
+    rec = Recognizer(head="fer2013")
+    assert rec.head == "fer2013" and len(rec.analyze(SAMPLE)) == 1
+    with pytest.raises(ImageReadError, match="missing.jpg: not found"):
+        rec.analyze(tmp_path / "missing.jpg")
+    with pytest.raises(UserError, match="must be 8-bit"):
+        rec.analyze(np.zeros((50, 50)))
