@@ -383,10 +383,20 @@ def summarise(records, recognizer, timeline, name):
     return summaries
 
 
+def quietly(fn, *args):
+    """fn(*args) with OpenCV's own log lines off: a missing camera prints a dozen of them before our one line."""
+    level = cv2.utils.logging.getLogLevel()
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
+    try:
+        return fn(*args)
+    finally:
+        cv2.utils.logging.setLogLevel(level)
+
+
 def run_camera(recognizer, index, out, smooth=SMOOTH_FRAMES):
     """A live window on camera `index` with boxes, labels and frames per second; q quits. Then, as for a video,
     a line per face and <out>/camera<index>_timeline.png."""
-    cap = cv2.VideoCapture(index)
+    cap = quietly(cv2.VideoCapture, index)
     if not cap.isOpened():
         raise UserError(f"--camera {index}: no camera found at that index (try 0, or check it is connected)")
 
