@@ -41,7 +41,7 @@ from ferlite.fer2013 import load_labelled
 from ferlite.files import REPO_ROOT, atomic_write, write_json
 from ferlite.images import IMAGE_EXTENSIONS, is_image_file, read_image, to_gray
 from ferlite.names import DEVICES
-from ferlite.onnx_model import int8_path, load_int8
+from ferlite.onnx_model import int8_path, load_copy
 from ferlite.scoring import confusion_matrix, ferplus_scores, metrics_from_confusion, plot_confusion
 from ferlite.tracking import SMOOTH_FRAMES, track_summaries
 
@@ -121,7 +121,7 @@ class Recognizer(api.Recognizer):
             return api.open_onnx(self.path, head, threads or min(INT8_THREADS, os.cpu_count() or 1))
         if engine == "pytorch" or (engine == "auto" and not self.on_cpu):
             return None
-        int8, why = load_int8(self.path, threads=threads or min(INT8_THREADS, os.cpu_count() or 1))
+        int8, why = load_copy(self.path, threads=threads or min(INT8_THREADS, os.cpu_count() or 1), head=head)
         if int8 is not None and head is not None and head not in int8.heads:
             if int8.format >= 2:  # the copy lists every head the model has
                 raise UserError(f"--head {head}: model file {self.path} has {' and '.join(int8.heads)} only; pass one")
@@ -634,7 +634,7 @@ def classifier_settings(args):
         engine = "pytorch" if has_pytorch() else "int8"
         if engine == "int8":
             print(
-                f"note: PyTorch is not installed, so --eval scores the int8 copy of {args.model.name}, whose answers "
+                f"note: PyTorch is not installed, so --eval scores the ONNX copy of {args.model.name}, whose answers "
                 f"differ from the model's own on a face in a few hundred; for the model's own: {api.PYTORCH_INSTALL}",
                 file=sys.stderr,
             )

@@ -19,6 +19,10 @@ from ferlite.files import beside_model
 # used only while that is the file loaded (load_int8). train.py writes it at the end of a run;
 # tools/export_int8.py writes it for an existing model.
 INT8_SUFFIX = ".int8.onnx"
+# Beside it, for a model with more than one head, `X.float.onnx`: the same graph unquantised. It answers for every
+# head but the first, which int8 served less well than the first; the first keeps int8's speed (RESULTS.md, "The
+# light install").
+FLOAT_SUFFIX = ".float.onnx"
 # What the copy's metadata says, by version: 1 (no "format" key) one output, the answering head's; 2 an output per
 # head, named in "heads" (answering head first), and the input size.
 FORMAT = 2
@@ -32,6 +36,13 @@ def int8_path(model_path):
     return beside_model(model_path, INT8_SUFFIX)
 
 
+def float_path(copy_path):
+    """Where the float copy goes beside int8 copy `copy_path`: `X.int8.onnx` -> `X.float.onnx`."""
+    p = Path(copy_path)
+    stem = p.name[: -len(INT8_SUFFIX)] if p.name.endswith(INT8_SUFFIX) else p.stem
+    return p.with_name(stem + FLOAT_SUFFIX)
+
+
 def file_sha256(path):
     """Hex sha256 of a file's bytes."""
     digest = hashlib.sha256()
@@ -42,7 +53,8 @@ def file_sha256(path):
 
 
 class Int8Model:
-    """The int8 copy in an ONNX Runtime session: predict_proba's answers for uint8 faces, on a CPU, for any head."""
+    """An ONNX copy (the int8 one, or the float one) in an ONNX Runtime session: predict_proba's answers for uint8
+    faces, on a CPU, for any head."""
 
     def __init__(self, path, threads=1):
         opts = ort.SessionOptions()
@@ -83,10 +95,10 @@ class Int8Model:
         return np.concatenate(out) if out else np.zeros((0, self.n_classes), np.float32)
 
 
-def load_int8(model_path, class_names=None, threads=1, head=None):
-    """(Int8Model, None) when the int8 copy beside `model_path` was made from this very file (by sha256: no need
-    to read the `.pt`) and answers with `head` (None: the model's own), else (None, why not)."""
-    path = int8_path(model_path)
+def load_int8(model_path, class_names=None, threads=1, head=None, path=None):
+    """(Int8Model, None) when the int8 copy beside `model_path` (or the copy at `path`) was made from this very file
+    (by sha256: no need to read the `.pt`) and answers with `head` (None: the model's own), else (None, why not)."""
+    path = int8_path(model_path) if path is None else Path(path)
     if not path.is_file():
         return None, f"{path} not found"
     try:
@@ -100,3 +112,13 @@ def load_int8(model_path, class_names=None, threads=1, head=None):
     if head is not None and head != int8.heads[0] and head not in int8.heads:
         return None, f"{path} was written before the int8 copy had every head, so it lacks the {head} head"
     return int8, None
+
+
+def load_copy(model_path, class_names=None, threads=1, head=None):
+    """load_int8's answer, except that a head other than the model's first is answered by the float copy where it
+    is beside the int8 one and made from this very file too (FLOAT_SUFFIX)."""
+    int8, why = load_int8(model_path, class_names, threads)
+    if int8 is None or head is None or head == int8.heads[0]:
+        return int8, why
+    exact, _ = load_int8(model_path, class_names, threads, head, path=float_path(int8.path))
+    return (exact, None) if exact is not None else (int8, None)

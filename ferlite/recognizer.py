@@ -20,7 +20,7 @@ from ferlite.detection import PHOTO_DETECT_SIZE, crop_face, load_detector
 from ferlite.errors import ImageReadError, UserError
 from ferlite.files import REPO_ROOT
 from ferlite.images import read_image, to_gray
-from ferlite.onnx_model import Int8Model, int8_path, load_int8
+from ferlite.onnx_model import Int8Model, int8_path, load_copy
 from ferlite.tracking import SMOOTH_FRAMES, FaceTracker
 
 DEFAULT_MODEL = REPO_ROOT / "models" / "Facial_Emotion_Recognizer.pt"
@@ -48,7 +48,7 @@ def open_onnx(model, head=None, threads=INT8_THREADS):
         return with_head(onnx, head, path)
     if not path.is_file():
         raise UserError(f"model file {path} not found: train one with train.py or pass --model")
-    onnx, why = load_int8(path, threads=threads)
+    onnx, why = load_copy(path, threads=threads, head=head)
     if onnx is not None:
         return with_head(onnx, head, path)
     raise UserError(

@@ -349,11 +349,15 @@ def test_two_head_run(train, testpy, prepared, tmp_path, monkeypatch, capsys):
     for head, want in (("ferplus", a), ("fer2013", b)):
         quick = testpy.Recognizer(model, cpu, engine="int8", head=head)
         assert quick.int8 is not None and quick.model is None and quick.head == head
+        # the first head from the int8 copy, the other from the float one beside it
+        assert quick.int8.meta["precision"] == ("int8" if head == "ferplus" else "float32")
         assert np.abs(quick.classify(faces) - want).max() < 0.05
         api = Recognizer(model, head=head)  # the API alone: the same ONNX answers, to the last bit
         assert np.array_equal(api.classify(faces), quick.classify(faces))
     with pytest.raises(UserError, match="--head smile: .*ferplus and fer2013 only"):
         testpy.Recognizer(model, cpu, engine="int8", head="smile")
+    onnx_model.float_path(onnx_model.int8_path(model)).unlink()  # without the float copy the int8 one answers
+    assert testpy.Recognizer(model, cpu, engine="int8", head="fer2013").int8.meta["precision"] == "int8"
 
 
 # ---------------------------------------------------------------------------------------------

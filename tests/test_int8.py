@@ -40,6 +40,7 @@ def test_the_copy_is_written_beside_the_model_and_names_it(model_with_copy):
     assert meta["source_sha256"] == onnx_model.file_sha256(model_with_copy)
     assert json.loads(meta["class_names"]) == sorted(EMOTIONS) and meta["source"] == "m.pt"
     assert not list(model_with_copy.parent.glob(".int8-*"))  # no scratch left behind
+    assert not onnx_model.float_path(copy).exists()  # one head: the int8 copy answers for it, no float copy
 
 
 def test_photos_use_the_copy_and_eval_uses_pytorch(model_with_copy, testpy):

@@ -120,7 +120,7 @@ def test_what_needs_pytorch_says_which_install_brings_it(tmp_path):
     csv = write_csv(tmp_path / "faces.csv", *synthetic_faces(21))
     r = without_torch("--eval", csv, "--out", tmp_path / "eval", "--json", tmp_path / "s.json")
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "PyTorch is not installed, so --eval scores the int8 copy" in r.stderr
+    assert "PyTorch is not installed, so --eval scores the ONNX copy" in r.stderr
     assert json.loads((tmp_path / "s.json").read_text())["n"] == 21
 
 

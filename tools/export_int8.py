@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 from ferlite.errors import run_main  # noqa: E402
 from ferlite.fer2013 import load_labelled  # noqa: E402
 from ferlite.images import load_image_folder  # noqa: E402
-from ferlite.onnx_model import load_int8  # noqa: E402
+from ferlite.onnx_model import float_path, load_copy  # noqa: E402
 from ferlite.training.checkpoints import load_checkpoint  # noqa: E402
 from ferlite.training.export import write_int8  # noqa: E402
 from ferlite.training.network import NORM_MEAN, NORM_STD, head_names, model_from_checkpoint, predict_proba  # noqa: E402
@@ -61,22 +61,25 @@ def main(args):
     t = time.perf_counter()
     out = write_int8(args.model, faces)
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, {time.perf_counter() - t:.1f} s)")
+    if len(head_names(ckpt)) > 1:  # write_int8 wrote the float copy too
+        print(f"wrote {float_path(out)} ({float_path(out).stat().st_size / 1e6:.1f} MB): the other heads' answers")
     if args.check is None:
         return out
-    int8, why = load_int8(args.model, ckpt["class_names"], threads=torch.get_num_threads())
-    if int8 is None:
-        raise SystemExit(f"error: {why}")
     mean, std = ckpt.get("mean", NORM_MEAN), ckpt.get("std", NORM_STD)
     check = load_labelled(args.check, ckpt["class_names"], flag="--check", lacks="the model lacks", progress=False)
     faces, labels = check.faces, check.labels
-    for head in head_names(ckpt):  # every head the copy answers with
+    for head in head_names(ckpt):  # every head, from the copy that answers for it as test.py picks it
+        copy, why = load_copy(args.model, ckpt["class_names"], threads=torch.get_num_threads(), head=head)
+        if copy is None:
+            raise SystemExit(f"error: {why}")
         model = model_from_checkpoint(ckpt, torch.device("cpu"), args.model, head=head)
         ref = predict_proba(model, faces, torch.device("cpu"), mean, std).numpy()
-        p = int8.predict_proba(faces, head=head)
+        p = copy.predict_proba(faces, head=head)
+        kind = copy.meta.get("precision", "int8")
         print(
             f"{args.check.name}, {len(labels)} faces, {head} head: PyTorch {(ref.argmax(1) == labels).mean():.2%}, "
-            f"int8 {(p.argmax(1) == labels).mean():.2%}; same answer {(p.argmax(1) == ref.argmax(1)).mean():.2%}, "
-            f"largest probability difference {np.abs(p - ref).max():.3f}"
+            f"{kind} copy ({copy.path.name}) {(p.argmax(1) == labels).mean():.2%}; same answer "
+            f"{(p.argmax(1) == ref.argmax(1)).mean():.2%}, largest probability difference {np.abs(p - ref).max():.3f}"
         )
     return out
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from ferlite.errors import UserError
 from ferlite.files import atomic_write
 from ferlite.names import IMAGE_SIZE
-from ferlite.onnx_model import FORMAT, file_sha256, int8_path
+from ferlite.onnx_model import FORMAT, file_sha256, float_path, int8_path
 from ferlite.training.checkpoints import load_checkpoint
 from ferlite.training.network import (
     NORM_MEAN,
@@ -82,7 +82,8 @@ def write_int8(model_path, faces, out=None, n_calibration=CALIBRATION_FACES):
     activation ranges calibrated on `n_calibration` of `faces` (uint8, N x 48 x 48: the training faces),
     evenly spread, each with its mirror image; the steps before and after it (MirrorAveraged) stay float.
     Every head is an output (onnx_model.Int8Model picks one), and the file's metadata says what the runtime
-    needs without the `.pt` (onnx_model.FORMAT).
+    needs without the `.pt` (onnx_model.FORMAT). A model with more than one head also gets the same graph in
+    float beside the copy (`X.float.onnx`, onnx_model.float_path), which answers for its other heads.
     Needs the `onnx` package. The file is written whole or not at all.
     """
     # Here, not at the top: only writing a copy needs onnx and the quantiser; test.py never does.
@@ -141,22 +142,24 @@ def write_int8(model_path, faces, out=None, n_calibration=CALIBRATION_FACES):
             )
         finally:
             logging.disable(logging.NOTSET)
+        props = {
+            "format": str(FORMAT),
+            "heads": json.dumps(heads),
+            "input_size": str(int(ckpt.get("input_size", IMAGE_SIZE))),
+            "source": model_path.name,
+            "source_sha256": source_sha,
+            "class_names": json.dumps(list(ckpt["class_names"])),
+            "mean": repr(float(mean)),
+            "std": repr(float(std)),
+            "test_shift": repr(TEST_SHIFT),
+        }
         onnx_model = onnx.load(int8)
-        onnx.helper.set_model_props(
-            onnx_model,
-            {
-                "format": str(FORMAT),
-                "heads": json.dumps(heads),
-                "input_size": str(int(ckpt.get("input_size", IMAGE_SIZE))),
-                "source": model_path.name,
-                "source_sha256": source_sha,
-                "class_names": json.dumps(list(ckpt["class_names"])),
-                "mean": repr(float(mean)),
-                "std": repr(float(std)),
-                "test_shift": repr(TEST_SHIFT),
-                "calibration_faces": str(len(pick)),
-            },
-        )
+        onnx.helper.set_model_props(onnx_model, {**props, "precision": "int8", "calibration_faces": str(len(pick))})
         with atomic_write(out) as tmp_out:
             onnx.save(onnx_model, tmp_out)
+        if len(heads) > 1:  # the float copy, for the heads int8 serves less well (onnx_model.FLOAT_HEADS)
+            float_model = onnx.load(fp32)
+            onnx.helper.set_model_props(float_model, {**props, "precision": "float32"})
+            with atomic_write(float_path(out)) as tmp_out:
+                onnx.save(float_model, tmp_out)
     return out
