@@ -118,13 +118,15 @@ class Recognizer(api.Recognizer):
         if self.path.suffix.lower() == ".onnx":  # an ONNX copy named directly: it is the engine
             if engine == "pytorch":
                 raise UserError(f"--engine pytorch needs a .pt model file, not {self.path}")
-            return api.open_onnx(self.path, head, threads or min(INT8_THREADS, os.cpu_count() or 1))
+            return api.open_onnx(
+                self.path, head, threads or min(INT8_THREADS, os.cpu_count() or 1), asked=f"--head {head}"
+            )
         if engine == "pytorch" or (engine == "auto" and not self.on_cpu):
             return None
         int8, why = load_copy(self.path, threads=threads or min(INT8_THREADS, os.cpu_count() or 1), head=head)
         if int8 is not None and head is not None and head not in int8.heads:
-            if int8.format >= 2:  # the copy lists every head the model has
-                raise UserError(f"--head {head}: model file {self.path} has {' and '.join(int8.heads)} only; pass one")
+            if int8.format >= 2:  # the copy lists every head the model has: a head it lacks is the user's mistake
+                api.with_head(int8, head, self.path, f"--head {head}")
             int8, why = None, f"{int8_path(self.path)} was written before the int8 copy had every head"
         if int8 is None and engine == "int8":
             raise UserError(f"--engine int8: {why}; write it with python tools/export_int8.py --model {self.path}")

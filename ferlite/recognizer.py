@@ -34,9 +34,10 @@ ALIGN_VIDEO = False
 PYTORCH_INSTALL = "pip install -r requirements-full.txt"  # what brings PyTorch (the full install: training, tests)
 
 
-def open_onnx(model, head=None, threads=INT8_THREADS):
+def open_onnx(model, head=None, threads=INT8_THREADS, asked=None):
     """The ONNX model that answers for model file `model`: the file itself if it is an `.onnx`, else the int8 copy
-    beside the `.pt` where it was made from that very file (load_int8). UserError where there is none."""
+    beside the `.pt` where it was made from that very file (load_int8). UserError where there is none, or where it
+    lacks `head` (with_head; `asked` is how the error names the request)."""
     path = Path(model)
     if path.suffix.lower() == ".onnx":
         if not path.is_file():
@@ -45,28 +46,30 @@ def open_onnx(model, head=None, threads=INT8_THREADS):
             onnx = Int8Model(path, threads)
         except Exception as e:  # onnxruntime raises its own types for a damaged file
             raise UserError(f"model file {path} could not be read ({type(e).__name__}): pass another --model") from None
-        return with_head(onnx, head, path)
+        return with_head(onnx, head, path, asked)
     if not path.is_file():
         raise UserError(f"model file {path} not found: train one with train.py or pass --model")
     onnx, why = load_copy(path, threads=threads, head=head)
     if onnx is not None:
-        return with_head(onnx, head, path)
+        return with_head(onnx, head, path, asked)
     raise UserError(
         f"{why}: without PyTorch only an int8 copy made from {path.name} can answer; "
         f"write one with python tools/export_int8.py --model {path} (needs PyTorch: {PYTORCH_INSTALL})"
     )
 
 
-def with_head(onnx, head, path):
-    """`onnx` where it answers with `head` (None: its first), else a UserError naming the heads it has."""
+def with_head(onnx, head, path, asked=None):
+    """`onnx` where it answers with `head` (None: its first), else a UserError naming the heads it has; `asked`: how
+    the error names the request (default "head 'x'"; test.py says "--head x")."""
     if head is None or head in onnx.heads:
         return onnx
+    asked = asked or f"head {head!r}"
     if onnx.format < 2:  # a copy written before copies had every head: only its own
         raise UserError(
-            f"head {head!r}: {onnx.path} was written before the int8 copy had every head; rewrite it with "
+            f"{asked}: {onnx.path} was written before the int8 copy had every head; rewrite it with "
             f"python tools/export_int8.py --model {path} (needs PyTorch: {PYTORCH_INSTALL})"
         )
-    raise UserError(f"head {head!r}: model file {path} has {' and '.join(onnx.heads)} only; pass one of those")
+    raise UserError(f"{asked}: model file {path} has {' and '.join(onnx.heads)} only; pass one of those")
 
 
 def as_bgr(image):

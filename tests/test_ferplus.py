@@ -354,8 +354,9 @@ def test_two_head_run(train, testpy, prepared, tmp_path, monkeypatch, capsys):
         assert np.abs(quick.classify(faces) - want).max() < 0.05
         api = Recognizer(model, head=head)  # the API alone: the same ONNX answers, to the last bit
         assert np.array_equal(api.classify(faces), quick.classify(faces))
-    with pytest.raises(UserError, match="--head smile: .*ferplus and fer2013 only"):
-        testpy.Recognizer(model, cpu, engine="int8", head="smile")
+    for named in (model, onnx_model.int8_path(model)):  # the .pt, or its ONNX copy named directly
+        with pytest.raises(UserError, match="--head smile: .*ferplus and fer2013 only; pass one of those$"):
+            testpy.Recognizer(named, cpu, engine="int8", head="smile")
     onnx_model.float_path(onnx_model.int8_path(model)).unlink()  # without the float copy the int8 one answers
     assert testpy.Recognizer(model, cpu, engine="int8", head="fer2013").int8.meta["precision"] == "int8"
 
