@@ -50,8 +50,7 @@ from ferlite.errors import UserError, run_main
 from ferlite.fer2013 import read_csv
 from ferlite.files import REPO_ROOT, write_json
 from ferlite.images import read_image
-from ferlite.recognizer import ALIGN_VIDEO
-from ferlite.tracking import FaceTracker
+from ferlite.tracking import FaceTracker, SteadyRoll
 from ferlite.training.checkpoints import load_checkpoint
 from ferlite.training.network import build_model, cpu_has_bf16, model_from_checkpoint, predict_proba, to_input
 
@@ -494,11 +493,11 @@ def main(args):
         testpy.INFERENCE_THREADS, lambda: testpy.Recognizer(args.model, device, detect_size=VIDEO_DETECT_SIZE)
     )
     frame = letterbox(bgr, 640, 480)  # the photo as a 640x480 video frame
-    tracker = FaceTracker(video.classes)
+    tracker, steady = FaceTracker(video.classes), SteadyRoll()
 
     def video_frame(runs):
         def one_frame():
-            return annotate(frame, tracker.update(video.faces_in(frame, upright=ALIGN_VIDEO), frame))
+            return annotate(frame, tracker.update(video.faces_in(frame, steady.rolls), frame))
 
         return with_threads(testpy.INFERENCE_THREADS, lambda: median_time(one_frame, runs))
 

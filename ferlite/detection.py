@@ -283,14 +283,15 @@ def upright(gray, box, framing, roll):
     return patch, (x - x0, y - y0, side, side)
 
 
-def crop_face(gray, box, size=IMAGE_SIZE, framing=None, points=None):
+def crop_face(gray, box, size=IMAGE_SIZE, framing=None, points=None, roll=None):
     """The face in `box` (x, y, w, h) of a gray image as size x size uint8, framed by `framing` (a detector's).
 
     With a detector's landmarks (`points`: RetinaFace's five) the face is first turned upright about the frame's
     centre so that its eyes are level (eye_roll): FER2013's faces are mostly upright, photos' often are not
-    (RESULTS.md, "Faces turned upright"). Where the frame reaches past the image, the image's edges are repeated.
+    (RESULTS.md, "Faces turned upright"). `roll`: the degrees to turn by, in place of the eyes' angle (video's
+    steadied one, tracking.SteadyRoll). Where the frame reaches past the image, the image's edges are repeated.
     """
-    roll = eye_roll(points)
+    roll = eye_roll(points) if roll is None else roll
     if abs(roll) >= MIN_ROLL:
         gray, box = upright(gray, box, framing, roll)
         framing = None

@@ -16,21 +16,17 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from ferlite.detection import PHOTO_DETECT_SIZE, crop_face, load_detector
+from ferlite.detection import PHOTO_DETECT_SIZE, crop_face, eye_roll, load_detector
 from ferlite.errors import ImageReadError, UserError
 from ferlite.files import REPO_ROOT
 from ferlite.images import read_image, to_gray
 from ferlite.onnx_model import Int8Model, int8_path, load_copy
-from ferlite.tracking import SMOOTH_FRAMES, FaceTracker
+from ferlite.tracking import SMOOTH_FRAMES, FaceTracker, SteadyRoll
 
 DEFAULT_MODEL = REPO_ROOT / "models" / "Facial_Emotion_Recognizer.pt"
 # The int8 copy runs on two threads that sleep when idle (onnx_model.Int8Model): ahead of one thread on an idle
 # 2-core machine, and still with another program holding a core (RESULTS.md, "Speed").
 INT8_THREADS = 2
-# Video frames are cut from the detector's box alone, not turned upright by the eyes as photos are: on a clip of six
-# small still faces, turning raised label changes after smoothing from 8 to 12 in 895 face-frames (RESULTS.md,
-# "Faces turned upright").
-ALIGN_VIDEO = False
 PYTORCH_INSTALL = "pip install -r requirements-full.txt"  # what brings PyTorch (the full install: training, tests)
 
 
@@ -132,20 +128,23 @@ class Recognizer:
         """The faces found in a BGR image, one per face: (x, y, w, h, score[, landmarks]) as the detector gives."""
         return self.detector.detect(bgr)
 
-    def crop(self, gray, box, upright=True):
-        """The face in a detector's box, framed as FER2013 frames its faces; `upright`: turned so that its eyes are
-        level, where the detector gives landmarks (crop_face)."""
-        points = box[5] if upright and len(box) > 5 else None
-        return crop_face(gray, box[:4], self.size, self.detector.framing, points)
+    def crop(self, gray, box, roll=None):
+        """The face in a detector's box, framed as FER2013 frames its faces and turned upright by `roll` degrees
+        (default: so that its eyes are level, where the detector gives landmarks; crop_face)."""
+        if roll is None:
+            roll = eye_roll(box[5]) if len(box) > 5 else 0.0
+        return crop_face(gray, box[:4], self.size, self.detector.framing, roll=roll)
 
-    def faces_in(self, bgr, upright=True):
+    def faces_in(self, bgr, rolls=None):
         """Every face in a BGR image as a face dict {'box', 'emotion', 'confidence', 'probabilities'}, one batch;
-        `upright`: each face turned upright by its eyes first (crop)."""
+        `rolls`: a function from the detector's boxes to the degrees each face is turned by, in place of each
+        face's own eye angle (track's SteadyRoll)."""
         boxes = self.boxes(bgr)
         if not boxes:
             return []
         gray = to_gray(bgr)
-        probs = self.classify(np.stack([self.crop(gray, b, upright) for b in boxes]))
+        turns = rolls(boxes) if rolls else [None] * len(boxes)
+        probs = self.classify(np.stack([self.crop(gray, b, r) for b, r in zip(boxes, turns)]))
         return [self.face(b, p, bgr.shape) for b, p in zip(boxes, probs)]
 
     def face(self, box, p, shape):
@@ -170,9 +169,9 @@ class Recognizer:
         """For each BGR frame of `frames` (any iterable), (frame, faces): each face followed from frame to frame
         (its 'id') and its answer averaged over `smooth` frames, the frame's own kept as 'raw_emotion' and
         'raw_confidence' (tracking.FaceTracker), as test.py --video and --camera do."""
-        tracker = FaceTracker(self.classes, smooth)
+        tracker, steady = FaceTracker(self.classes, smooth), SteadyRoll()
         for frame in frames:
-            yield frame, tracker.update(self.faces_in(frame, upright=ALIGN_VIDEO), frame)
+            yield frame, tracker.update(self.faces_in(frame, steady.rolls), frame)
 
     def video(self, source, smooth=SMOOTH_FRAMES):
         """track() over the frames of a video file (a path) or a camera (its index)."""

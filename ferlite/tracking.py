@@ -6,7 +6,7 @@ from collections import deque
 import cv2
 import numpy as np
 
-from ferlite.detection import iou
+from ferlite.detection import eye_roll, iou
 
 # A face in a video keeps its label unless its answer, averaged over this many frames, changes.
 SMOOTH_FRAMES = 10
@@ -19,6 +19,11 @@ TRACK_MISSING = 5  # ...and a face unseen for more frames than this is gone
 # that a pan of 16 px a frame or a 5% zoom stays under it (RESULTS.md, "Video").
 SCENE_CUT, CUT_WIDTH = 27.0, 32
 GRAY_SATURATION = 8  # a frame whose mean saturation is below this is black and white
+# A followed face is turned upright by its eyes' angle averaged over frames: each frame moves the angle this share
+# of the way to that frame's own. RetinaFace's eyes on a small face jitter by degrees from frame to frame, and a
+# crop turned by each frame's own angle changed its answer more often than the box's plain crop (RESULTS.md,
+# "Faces turned upright").
+ROLL_EMA = 0.05
 
 
 class FaceTracker:
@@ -79,6 +84,27 @@ class FaceTracker:
                 probabilities={c: float(v) for c, v in zip(self.classes, mean)},
             )
         return faces
+
+
+class SteadyRoll:
+    """The degrees each face of a video is turned upright by: its eyes' angle (eye_roll), averaged over the frames
+    in which a box overlapping it by TRACK_IOU or more was found in the frame before (an exponential average at
+    `rate`; 1 is each frame's own angle). Faces without landmarks (Haar's) are not turned."""
+
+    def __init__(self, rate=ROLL_EMA):
+        self.rate, self.last = rate, []
+
+    def rolls(self, boxes):
+        """The angles for one frame's boxes (x, y, w, h, score[, landmarks]), in their order."""
+        out = []
+        for box in boxes:
+            roll = eye_roll(box[5]) if len(box) > 5 else 0.0
+            before = max(self.last, key=lambda kept: iou(kept[0], box[:4]), default=None)
+            if before is not None and iou(before[0], box[:4]) >= TRACK_IOU:
+                roll = before[1] + self.rate * (roll - before[1])
+            out.append(roll)
+        self.last = [(box[:4], roll) for box, roll in zip(boxes, out)]
+        return out
 
 
 def frame_hsv(bgr):

@@ -85,3 +85,34 @@ def test_faces_found_near_the_border_keep_their_landmarks_in_place():
     ((x, y, w, h, s, moved),) = detection.with_border_retry(detect_once, np.zeros((100, 100, 3), np.uint8))
     assert (x, y, w, h, s) == (20, 20, 30, 40, 0.9)
     assert np.allclose(moved, points)
+
+
+def test_a_followed_face_turns_by_its_eyes_angle_averaged_over_frames():
+    """Video: SteadyRoll moves each followed face's angle ROLL_EMA of the way to each frame's own."""
+    from ferlite.tracking import ROLL_EMA, SteadyRoll
+
+    steady, box = SteadyRoll(), (80.0, 70.0, 40.0, 50.0, 0.9)
+    assert steady.rolls([(*box, eyes(10.0))]) == [pytest.approx(10.0)]  # a new face: its own angle
+    assert steady.rolls([(*box, eyes(0.0))]) == [
+        pytest.approx(10.0 * (1 - ROLL_EMA))
+    ]  # one jittery frame barely moves it
+    for _ in range(200):
+        (roll,) = steady.rolls([(*box, eyes(0.0))])
+    assert roll == pytest.approx(0.0, abs=1e-3)  # a lasting change is followed
+    far = (300.0, 70.0, 40.0, 50.0, 0.9)  # a face elsewhere is another face: its own angle
+    assert steady.rolls([(*box, eyes(0.0)), (*far, eyes(-20.0))]) == [
+        pytest.approx(0.0, abs=1e-3),
+        pytest.approx(-20.0),
+    ]
+    assert SteadyRoll().rolls([box]) == [0.0]  # no landmarks (Haar): not turned
+    assert SteadyRoll(rate=1.0).rolls([(*box, eyes(7.0))]) == [pytest.approx(7.0)]
+
+
+def test_a_given_roll_turns_the_crop_as_the_eyes_would():
+    gray = cv2.cvtColor(images.read_image(SAMPLE), cv2.COLOR_BGR2GRAY)
+    box, framing = (180, 90, 250, 300), detection.RETINAFACE_FRAMING
+    by_eyes = detection.crop_face(gray, box, 48, framing, eyes(12.0))
+    assert np.array_equal(detection.crop_face(gray, box, 48, framing, roll=12.0), by_eyes)
+    assert np.array_equal(
+        detection.crop_face(gray, box, 48, framing, eyes(12.0), roll=0.0), detection.crop_face(gray, box, 48, framing)
+    )

@@ -56,11 +56,11 @@ def test_opencv_without_haar_files(testpy, tiny_model, tmp_path, monkeypatch):
 def interrupt_on(rec, call):
     real, seen = rec.faces_in, []
 
-    def faces_in(bgr, **kwargs):
+    def faces_in(bgr, *args, **kwargs):
         seen.append(1)
         if len(seen) == call:
             raise KeyboardInterrupt
-        return real(bgr, **kwargs)
+        return real(bgr, *args, **kwargs)
 
     rec.faces_in = faces_in
 
