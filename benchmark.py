@@ -406,9 +406,11 @@ def main(args):
         f"bf16 {bf16_kind(results['bf16_supported'])}; {results['cpu']}; medians of {args.runs} runs"
     )
 
+    # What train.py trains: an ensemble (tools/ensemble.py) is its members, each trained by its own run.
+    trained = ckpt["arch_args"]["members"][0] if ckpt["arch"] == "Ensemble" else ckpt
     for bf16 in (False, True):
         torch.manual_seed(0)
-        model = build_model(ckpt["arch"], ckpt["arch_args"], len(ckpt["class_names"])).to(
+        model = build_model(trained["arch"], trained["arch_args"], len(ckpt["class_names"])).to(
             memory_format=torch.channels_last
         )
         model.train()
@@ -536,7 +538,7 @@ def main(args):
     results.update(csv_rows=args.csv_rows, csv_rows_s=rows)
     print(f"reading a FER2013 CSV of {args.csv_rows:,} rows: {rows:,.0f} rows/s")
 
-    flops = training_flops_per_image(build_model(ckpt["arch"], ckpt["arch_args"], len(ckpt["class_names"])))
+    flops = training_flops_per_image(build_model(trained["arch"], trained["arch_args"], len(ckpt["class_names"])))
     peak = matmul_flops(True, args.runs)
     peak32 = matmul_flops(False, args.runs)
     used = flops * results["train_img_s_bf16"]

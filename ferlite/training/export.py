@@ -21,6 +21,7 @@ from ferlite.training.network import (
     NORM_STD,
     PREDICT_BATCH,
     TEST_SHIFT,
+    Ensemble,
     fuse_for_inference,
     head_names,
     model_from_checkpoint,
@@ -43,14 +44,28 @@ class EveryHead(nn.Module):
         return torch.stack([head(x) for head in self.heads])
 
 
+class EveryHeadAveraged(nn.Module):
+    """EveryHead for an Ensemble: for each head, the log of its members' probabilities averaged (Ensemble)."""
+
+    def __init__(self, members):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def forward(self, x):
+        return torch.stack([m(x).softmax(-1) for m in self.members]).mean(0).log()
+
+
 def every_head(ckpt, path="model"):
     """The checkpoint's model as EveryHead on the CPU, BatchNorm folded (fuse_for_inference); its heads are in
     head_names(ckpt)'s order."""
     model = model_from_checkpoint(ckpt, torch.device("cpu"), path, fused=False)
-    extra = list(model.extra_heads)
-    if extra != head_names(ckpt)[1:]:
-        raise UserError(f"model file {path} lists heads {head_names(ckpt)} but has {extra} beside its own")
-    return fuse_for_inference(EveryHead(model)).float()
+    nets = list(model.members) if isinstance(model, Ensemble) else [model]
+    for net in nets:
+        if list(net.extra_heads) != head_names(ckpt)[1:]:
+            extra = list(net.extra_heads)
+            raise UserError(f"model file {path} lists heads {head_names(ckpt)} but has {extra} beside its own")
+    graph = EveryHeadAveraged([EveryHead(n) for n in nets]) if isinstance(model, Ensemble) else EveryHead(model)
+    return fuse_for_inference(graph).float()
 
 
 class MirrorAveraged(nn.Module):

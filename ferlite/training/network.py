@@ -83,7 +83,25 @@ class EmotionNet(nn.Module):
         return self.head(x)
 
 
-ARCHITECTURES = {"EmotionNet": EmotionNet}
+class Ensemble(nn.Module):
+    """Networks of the same classes and heads answering as one (tools/ensemble.py writes such a model file): each
+    member's probabilities, averaged, given back as their log, so that the softmax every caller applies gives the
+    average itself. `members`: each member's {"arch", "arch_args"}. Answers only; it is not trained as one."""
+
+    def __init__(self, num_classes=7, members=()):
+        super().__init__()
+        self.members = nn.ModuleList(build_model(m["arch"], m.get("arch_args", {}), num_classes) for m in members)
+
+    @property
+    def head(self):
+        """The first member's answering head (its size is the classes')."""
+        return self.members[0].head
+
+    def forward(self, x):
+        return torch.stack([m(x).float().softmax(-1) for m in self.members]).mean(0).log()
+
+
+ARCHITECTURES = {"EmotionNet": EmotionNet, "Ensemble": Ensemble}
 
 
 def fuse_for_inference(model):
@@ -98,6 +116,10 @@ def fuse_for_inference(model):
 
 def answering_with(model, head):
     """A copy of `model` that answers with extra head `head` (by name) in place of its own; `model` is unchanged."""
+    if isinstance(model, Ensemble):
+        copy = deepcopy(model)
+        copy.members = nn.ModuleList(answering_with(m, head) for m in model.members)
+        return copy
     copy = deepcopy(model)
     copy.head = copy.extra_heads[head]
     copy.extra_heads = nn.ModuleDict()
