@@ -15,8 +15,13 @@ MODEL = ROOT / "models" / "Facial_Emotion_Recognizer.pt"
 
 
 def shipped_metrics():
-    """The metrics JSON train.py wrote beside the shipped model."""
+    """The metrics JSON beside the shipped model (tools/ensemble.py's: the ensemble's, and its members')."""
     return json.loads(MODEL.with_name("Facial_Emotion_Recognizer.metrics.json").read_text())
+
+
+def member_metrics():
+    """The metrics JSON train.py wrote for each of the shipped model's members, in the order they were joined."""
+    return [m["metrics"] for m in shipped_metrics()["members"]]
 
 
 def run(script, *args, cwd):
@@ -115,30 +120,34 @@ def test_results_tables_state_what_the_shipped_model_scores(shipped_scores, docu
 
 
 def test_the_recorded_validation_is_the_one_train_py_chose_by():
-    """The metrics JSON's validation figures are the answering head's on Test data (FER+'s folders)."""
-    metrics = shipped_metrics()
-    v = metrics["validation"]
-    assert v["validation_set"] == "Test data" and v["n"] == 3529
-    assert metrics["heads"] == load_checkpoint(MODEL)["heads"] == ["ferplus", "fer2013"]
-    best = next(h for h in metrics["history"] if h["epoch"] == metrics["best_epoch"])
-    assert best["val_acc"] == v["accuracy"] and f"{metrics['train_args']['epochs']} epochs" in table_row(
-        "README.md", HEAD_ROWS[metrics["heads"][0]]
-    )
+    """Each member's metrics JSON: its validation figures are the answering head's on Test data (FER+'s folders) at
+    the epoch it was chosen by; the ensemble's are on the same faces."""
+    ensemble = shipped_metrics()
+    assert ensemble["arch"] == load_checkpoint(MODEL)["arch"] == "Ensemble"
+    assert ensemble["validation"]["validation_set"] == "Test data" and ensemble["validation"]["n"] == 3529
+    for metrics in member_metrics():
+        v = metrics["validation"]
+        assert v["validation_set"] == "Test data" and v["n"] == 3529
+        assert metrics["heads"] == load_checkpoint(MODEL)["heads"] == ["ferplus", "fer2013"]
+        best = next(h for h in metrics["history"] if h["epoch"] == metrics["best_epoch"])
+        assert best["val_acc"] == v["accuracy"]
+        assert f"{metrics['train_args']['epochs']} epochs" in table_row("README.md", HEAD_ROWS[metrics["heads"][0]])
 
 
 def test_train_defaults_reproduce_the_shipped_model(train):
-    """`python train.py` with nothing else is the recipe of the shipped model (its metrics JSON)."""
-    metrics = shipped_metrics()
+    """`python train.py --seed K` with nothing else is the recipe of the shipped model's K-th member (0, 1, ...)."""
     defaults = vars(train.parse_args([]))
-    flags = ("epochs", "batch_size", "lr", "seed", "bf16")
-    assert {k: metrics["train_args"][k] for k in flags} == {k: defaults[k] for k in flags}
-    assert not any(metrics["train_args"].get(k) for k in train.DROPPED_FLAGS), "trained with a dropped experiment"
-    # The recipe's constants: in the metrics JSON's "recipe" (older models: among its train_args).
-    recorded = {**metrics["train_args"], **metrics.get("recipe", {})}
-    for k in ("weight_decay", "label_smoothing", "ema_decay"):
-        assert recorded[k] == train.RECIPE[k], k
-    arch_args = {**train.DEFAULT_ARCH_ARGS, "extra_heads": list(train.HEADS[1:])}  # trained on FER+'s votes
-    assert (metrics["arch"], metrics["arch_args"]) == (train.DEFAULT_ARCH, arch_args)
-    for k in ("class_weight_power", "tone"):
-        assert metrics["recipe"][k] == train.RECIPE[k], k
-    assert metrics["train_args"]["max_batches"] == 0, "the shipped model came from a shortened run"
+    for seed, metrics in enumerate(member_metrics()):
+        flags = ("epochs", "batch_size", "lr", "bf16")
+        assert {k: metrics["train_args"][k] for k in flags} == {k: defaults[k] for k in flags}
+        assert metrics["train_args"]["seed"] == seed and not metrics["train_args"].get("teacher")
+        assert not any(metrics["train_args"].get(k) for k in train.DROPPED_FLAGS), "trained with a dropped experiment"
+        # The recipe's constants: in the metrics JSON's "recipe" (older models: among its train_args).
+        recorded = {**metrics["train_args"], **metrics.get("recipe", {})}
+        for k in ("weight_decay", "label_smoothing", "ema_decay"):
+            assert recorded[k] == train.RECIPE[k], k
+        arch_args = {**train.DEFAULT_ARCH_ARGS, "extra_heads": list(train.HEADS[1:])}  # trained on FER+'s votes
+        assert (metrics["arch"], metrics["arch_args"]) == (train.DEFAULT_ARCH, arch_args)
+        for k in ("class_weight_power", "tone"):
+            assert metrics["recipe"][k] == train.RECIPE[k], k
+        assert metrics["train_args"]["max_batches"] == 0, "the shipped model came from a shortened run"

@@ -4,13 +4,14 @@
         --out models/Facial_Emotion_Recognizer.pt --replace
 
 The members must have the same classes, heads and input (train.py with the same data and labels, other seeds).
-The model file is read like any other (test.py, --eval, --teacher); beside it go its metrics JSON (the members'
-own, and the ensemble's answering head on the validation folder), its confusion matrices and its ONNX copies
-(int8 and float, calibrated on the training faces as train.py calibrates). An existing --out is replaced only with
---replace, and kept as <name>.<date-time>.bak.pt.
+The model file is read like any other (test.py, --eval, --teacher). Beside it go its metrics JSON (each member's
+own, as train.py wrote it beside the member, and the ensemble's answering head on the validation folder), its
+confusion matrices and its ONNX copies (int8 and float, calibrated on the training faces as train.py calibrates).
+An existing --out is replaced only with --replace, and kept as <name>.<date-time>.bak.pt.
 """
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -23,13 +24,18 @@ except ImportError:
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from ferlite.errors import UserError, run_main  # noqa: E402
-from ferlite.files import beside_model, write_json  # noqa: E402
+from ferlite.files import beside_model, project_relative, write_json  # noqa: E402
 from ferlite.images import load_image_folder  # noqa: E402
 from ferlite.onnx_model import file_sha256  # noqa: E402
 from ferlite.scoring import confusion_matrix, metrics_from_confusion, plot_confusion  # noqa: E402
 from ferlite.training.checkpoints import CHECKPOINT_FORMAT, atomic_save, load_checkpoint  # noqa: E402
 from ferlite.training.export import write_int8  # noqa: E402
 from ferlite.training.network import head_names, model_from_checkpoint, predict_proba  # noqa: E402
+
+
+def read_json(path):
+    return json.loads(Path(path).read_text())
+
 
 SAME = ("class_names", "heads", "input_size", "mean", "std")  # what every member must share
 
@@ -67,7 +73,7 @@ def joined(paths):
                 )
     state = {f"members.{i}.{k}": v for i, ck in enumerate(ckpts) for k, v in ck["state_dict"].items()}
     members = [
-        {"file": Path(p).name, "sha256": file_sha256(p), "arch": ck["arch"], "arch_args": ck["arch_args"],
+        {"file": project_relative(p), "sha256": file_sha256(p), "arch": ck["arch"], "arch_args": ck["arch_args"],
          "epoch": ck.get("epoch"), "train_args": ck.get("train_args"), "recipe": ck.get("recipe"),
          "metrics": ck.get("metrics")}
         for p, ck in zip(paths, ckpts)
@@ -98,7 +104,11 @@ def main(args):
                   "labels": f"the {head} head on the folders' labels"}  # fmt: skip
     atomic_save({**ckpt, "metrics": validation}, args.out, backup)
     stem = args.out.name[: -len(".pt")] if args.out.name.endswith(".pt") else args.out.stem
-    members = [{k: v for k, v in m.items() if k != "metrics"} | {"validation": m["metrics"]} for m in ckpt["members"]]
+    members = [  # each member's own metrics JSON where train.py left it beside the member, else what its .pt says
+        {k: v for k, v in m.items() if k != "metrics"} | {"metrics": read_json(beside_model(p, ".metrics.json"))}
+        if beside_model(p, ".metrics.json").is_file() else m
+        for p, m in zip(args.members, ckpt["members"])
+    ]  # fmt: skip
     write_json(
         {"model": args.out.name, "arch": "Ensemble", "heads": ckpt["heads"], "class_names": classes,
          "validation": validation, "members": members},
