@@ -266,6 +266,12 @@ def eye_roll(points):
     return math.degrees(math.atan2(ry - ly, rx - lx))
 
 
+def box_roll(box):
+    """Degrees the face of a detection (x, y, w, h, score[, landmarks]) is rolled by: eye_roll of its landmarks
+    where the detector gives them (RetinaFace), else 0 (Haar)."""
+    return eye_roll(box[5]) if len(box) > 5 else 0.0
+
+
 def upright(gray, box, framing, roll):
     """The part of `gray` around a detection's FER-like square turned by `roll` degrees about the square's centre
     (eyes level), and the square's (x, y, side, side) in it: crop_face then cuts as it cuts an upright face."""

@@ -16,7 +16,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from ferlite.detection import PHOTO_DETECT_SIZE, crop_face, eye_roll, load_detector
+from ferlite.detection import PHOTO_DETECT_SIZE, box_roll, crop_face, load_detector
 from ferlite.errors import ImageReadError, UserError
 from ferlite.files import REPO_ROOT
 from ferlite.images import read_image, to_gray
@@ -131,8 +131,7 @@ class Recognizer:
     def crop(self, gray, box, roll=None):
         """The face in a detector's box, framed as FER2013 frames its faces and turned upright by `roll` degrees
         (default: so that its eyes are level, where the detector gives landmarks; crop_face)."""
-        if roll is None:
-            roll = eye_roll(box[5]) if len(box) > 5 else 0.0
+        roll = box_roll(box) if roll is None else roll
         return crop_face(gray, box[:4], self.size, self.detector.framing, roll=roll)
 
     def faces_in(self, bgr, rolls=None):

@@ -6,7 +6,7 @@ from collections import deque
 import cv2
 import numpy as np
 
-from ferlite.detection import eye_roll, iou
+from ferlite.detection import box_roll, iou
 
 # A face in a video keeps its label unless its answer, averaged over this many frames, changes.
 SMOOTH_FRAMES = 10
@@ -98,7 +98,7 @@ class SteadyRoll:
         """The angles for one frame's boxes (x, y, w, h, score[, landmarks]), in their order."""
         out = []
         for box in boxes:
-            roll = eye_roll(box[5]) if len(box) > 5 else 0.0
+            roll = box_roll(box)
             before = max(self.last, key=lambda kept: iou(kept[0], box[:4]), default=None)
             if before is not None and iou(before[0], box[:4]) >= TRACK_IOU:
                 roll = before[1] + self.rate * (roll - before[1])
